@@ -1,0 +1,279 @@
+"""Structured configs: the schema every Hydra config is validated against.
+
+Every key has a type and a default here. Hydra rejects unknown keys and wrong types
+before any process exists; `validate()` checks the relations between keys (batch sizes,
+parallel layout, model shape) and derives the values that must never be typed twice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message names the key and what is allowed."""
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 8192
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: n_heads (MHA); fewer: GQA; 1: MQA
+    ffn_hidden: Optional[int] = None  # None: 4*d (gelu) or 8/3*d rounded to 64 (swiglu)
+    max_seq_len: int = 1024
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-5
+    position: str = "rope"  # rope | learned
+    rope_theta: float = 10000.0
+    activation: str = "swiglu"  # swiglu | gelu
+    bias: bool = False
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        if self.activation == "swiglu":
+            return 64 * math.ceil(8 * self.d_model / 3 / 64)
+        return 4 * self.d_model
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 1
+    sequence_parallel: bool = False
+    # Blocks per pipeline stage, e.g. [5, 6, 5]; None balances by parameter count.
+    pp_split: Optional[List[int]] = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: Optional[int] = None  # None: micro_batch_size x DP (no accumulation)
+    seq_len: int = 256
+    precision: str = "bf16"  # bf16 | fp32
+    seed: int = 1234
+    activation_checkpointing: str = "none"  # none | full | selective
+    grad_clip: float = 1.0
+    log_interval: int = 1
+    eval_interval: int = 50  # 0: no eval
+    eval_steps: int = 10
+    save_interval: int = 0  # 0: save only at the end
+    keep_last: int = 3
+    resume: str = "auto"  # auto | none | <checkpoint path>
+    compile: bool = False
+    profile: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    sample_tokens: int = 0  # >0: print a sample of this many tokens at the end
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | linear | constant
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/demo"  # a directory written by launcher.prepare
+    # Several prepared datasets mixed by weight: ["data/a:0.7", "data/b:0.3"]; overrides path.
+    blend: List[str] = field(default_factory=list)
+    valid_fraction: float = 0.01
+    valid_path: Optional[str] = None  # a separate prepared set for eval
+    document_mask: bool = False  # no attention across documents packed in one window
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = None  # an existing tokenizer.json (or directory with vocab+merges)
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    eod_token: str = "<|endoftext|>"
+    bos_token: Optional[str] = None
+    pad_token: Optional[str] = None
+
+
+@dataclass
+class PrepareConfig:
+    input: List[str] = field(default_factory=list)
+    format: str = "text"  # text | jsonl | parquet
+    text_field: str = "text"
+    output: str = "data/prepared"
+    shard_tokens: int = 50_000_000
+    num_proc: int = 0  # 0: all cores
+    on_bad_file: str = "fail"  # fail | skip
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"  # online | offline | disabled
+    wandb_project: str = "megatrain"
+    wandb_entity: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    name: Optional[str] = None
+
+
+@dataclass
+class PlanConfig:
+    gpu: str = "H100"
+    gpu_memory_gb: float = 80.0
+    num_gpus: Optional[int] = None  # None: tp x pp x dp of the config
+    mfu: float = 0.4
+    search: bool = False
+
+
+@dataclass
+class FitConfig:
+    input: List[str] = field(default_factory=list)
+    approach: str = "all"  # 1 | 2 | 3 | all
+    output: str = "scaling"
+    budget: Optional[float] = None
+    params: str = "non_embedding"  # non_embedding | total
+    bootstrap: int = 100
+
+
+@dataclass
+class ExportConfig:
+    output: str = "export"
+    checkpoint: Optional[str] = None  # None: the latest checkpoint of run.dir
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes derived from the config and the world size; computed once, never typed."""
+
+    world: int
+    tp: int
+    pp: int
+    dp: int
+    grad_accum: int
+    global_batch_size: int
+    micro_batch_size: int
+
+
+def to_config(cfg: DictConfig | Config) -> Config:
+    """A typed Config object from a Hydra DictConfig (or pass one through)."""
+    if isinstance(cfg, Config):
+        return cfg
+    return OmegaConf.to_object(cfg)
+
+
+def validate_model(m: ModelConfig, tp: int = 1) -> None:
+    _choice("model.norm", m.norm, ("rmsnorm", "layernorm"))
+    _choice("model.position", m.position, ("rope", "learned"))
+    _choice("model.activation", m.activation, ("swiglu", "gelu"))
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be positive")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    if m.position == "rope" and m.head_dim % 2:
+        raise ConfigError(f"RoPE needs an even head dim; d_model/n_heads={m.head_dim}")
+    if m.n_heads % m.kv_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.kv_heads}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    for key, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads),
+                       ("model.ffn_hidden", m.ffn_dim), ("model.vocab_size", m.vocab_size)):
+        if value % tp:
+            raise ConfigError(f"{key}={value} is not divisible by parallel.tp={tp}; "
+                              f"tensor parallelism splits it evenly across ranks")
+
+
+def validate(cfg: Config, world_size: int) -> Layout:
+    """Check every relation between keys for a world of `world_size` ranks; derive the layout."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    for key in ("tp", "pp"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallel.{key}={getattr(p, key)} must be >= 1")
+    validate_model(m, p.tp)
+    _choice("parallel.zero_stage", p.zero_stage, (0, 1, 2, 3))
+    _choice("train.precision", t.precision, ("bf16", "fp32"))
+    _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
+    _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+    _choice("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
+    _choice("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline", "disabled"))
+    if world_size % (p.tp * p.pp):
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
+                          f"{p.tp} x {p.pp}; launch a multiple of {p.tp * p.pp} processes")
+    if p.pp > 1 and p.zero_stage > 1:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline "
+                          "engine supports ZeRO-0/1 only; choose parallel.zero_stage=1 (optimizer states "
+                          "sharded over DP) or parallel.pp=1 for ZeRO-2/3")
+    if p.pp > m.n_layers:
+        raise ConfigError(f"parallel.pp={p.pp} exceeds model.n_layers={m.n_layers}; each stage needs a block")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if p.sequence_parallel and t.seq_len % p.tp:
+        raise ConfigError(f"train.seq_len={t.seq_len} must be divisible by parallel.tp={p.tp} "
+                          "with sequence parallelism")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    for key in ("steps", "micro_batch_size", "seq_len", "log_interval"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be positive")
+    dp = world_size // (p.tp * p.pp)
+    per_step = t.micro_batch_size * dp
+    global_batch = t.global_batch_size or per_step
+    if global_batch % per_step:
+        raise ConfigError(f"train.global_batch_size={global_batch} is not a multiple of "
+                          f"train.micro_batch_size x DP = {t.micro_batch_size} x {dp} = {per_step}")
+    return Layout(world=world_size, tp=p.tp, pp=p.pp, dp=dp, grad_accum=global_batch // per_step,
+                  global_batch_size=global_batch, micro_batch_size=t.micro_batch_size)
