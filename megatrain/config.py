@@ -165,8 +165,28 @@ class FitConfig:
     approach: str = "all"  # 1 | 2 | 3 | all
     output: str = "scaling"
     budget: Optional[float] = None
-    params: str = "non_embedding"  # non_embedding | total
-    bootstrap: int = 100
+    params: str = "non_embedding"  # non_embedding | total: the N of every fit and of C = 6ND
+    bootstrap: int = 100  # resamples for the confidence intervals; 0: none
+    loss: str = "eval"  # eval | train: which final loss of a run is fitted
+    seed: int = 0
+
+
+@dataclass
+class SweepConfig:
+    """An IsoFLOP sweep: for every budget, model sizes in [min_params, max_params] (see docs/scaling.md)."""
+
+    budgets: List[float] = field(default_factory=list)  # compute budgets C = 6ND in FLOPs
+    min_params: float = 1e5
+    max_params: float = 1e7
+    sizes: int = 5  # model shapes, log-spaced between min_params and max_params
+    head_dim: int = 64
+    aspect: float = 64.0  # d_model / n_layers of the shape rule
+    min_tokens_per_param: float = 1.0  # points below (too few tokens) or above the max are dropped
+    max_tokens_per_param: float = 1000.0
+    dir: str = "sweeps/isoflop"
+    launcher: str = "basic"  # hydra/launcher of the multirun: basic | submitit_local | submitit_slurm
+    launch: bool = False  # run the multirun now instead of only writing its command
+    budget: Optional[float] = None  # set on each run of a sweep: the budget it belongs to
 
 
 @dataclass
@@ -188,6 +208,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
