@@ -184,7 +184,6 @@ class SweepConfig:
     min_tokens_per_param: float = 1.0  # points below (too few tokens) or above the max are dropped
     max_tokens_per_param: float = 1000.0
     dir: str = "sweeps/isoflop"
-    launcher: str = "basic"  # hydra/launcher of the multirun: basic | submitit_local | submitit_slurm
     launch: bool = False  # run the multirun now instead of only writing its command
     budget: Optional[float] = None  # set on each run of a sweep: the budget it belongs to
 
