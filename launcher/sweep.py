@@ -1,0 +1,38 @@
+"""python -m launcher.sweep sweep.budgets=[..] sweep.min_params=.. sweep.max_params=.. sweep.dir=..
+<training overrides> [hydra/launcher=submitit_slurm ...] [sweep.launch=true] : an IsoFLOP sweep.
+
+Writes the sweep's point configs, points.csv and command.sh (the Hydra multirun) under sweep.dir,
+and runs that multirun when sweep.launch=true."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from hydra.core.hydra_config import HydraConfig
+
+from launcher.common import hydra_main
+from megatrain.config import to_config
+from megatrain.scaling.sweep import plan, write_sweep
+
+
+def task(cfg) -> None:
+    config = to_config(cfg)
+    overrides = HydraConfig.get().overrides
+    try:
+        points = plan(config)
+    except ValueError as e:
+        sys.exit(f"sweep: {e}")
+    argv = write_sweep(config, points, [*overrides.hydra, *overrides.task])
+    for p in points:
+        print(f"{p.name}: C={p.budget:.3g} N={p.params} ({p.params_total} total) D={p.tokens} "
+              f"steps={p.steps} D/N={p.tokens_per_param:.3g}")
+    print(f"{len(points)} runs; multirun command in {config.sweep.dir}/command.sh")
+    if config.sweep.launch:
+        subprocess.run(argv, check=True)
+
+
+main = hydra_main(task)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""IsoFLOP sweep generation: (model shape, training tokens) points emitted as a Hydra multirun.
+
+Shape rule (documented in docs/scaling.md): a model of n_layers L has
+    d_model = head_dim * max(1, round(aspect * L / head_dim)),  n_heads = d_model / head_dim,
+i.e. a fixed head width and a fixed aspect ratio d_model / n_layers (Kaplan et al. find loss flat
+over a wide range of aspect ratios, so one ratio spans the sizes). The GQA group size of the base
+model is kept (n_kv_heads = n_heads / group when it divides, else MHA) and the MLP width is derived
+from d_model (ffn_hidden=null). Everything else (vocab, norm, activation, ...) is the base model's.
+N grows monotonically with L along this ray; for each target size the L whose exact N (flops.py)
+is closest in log is taken, and duplicate shapes are dropped.
+
+Tokens: D = C / (6 N) for each budget C, rounded to whole optimizer steps of
+(train.global_batch_size or train.micro_batch_size) * train.seq_len tokens; points outside
+[sweep.min_tokens_per_param, sweep.max_tokens_per_param] are dropped.
+
+Each point becomes an option of a generated config group `scaling_point` under
+<sweep.dir>/conf, so one plain Hydra multirun (`+scaling_point=p000,p001,...`) runs the sweep with
+any launcher (basic, submitit_local, submitit_slurm) and the training CLI needs no sweep logic.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from megatrain.config import Config, ModelConfig
+from megatrain.scaling.flops import param_counts, training_flops_per_token
+
+GROUP = "scaling_point"
+CALLBACK = "megatrain.scaling.callback.RefitCallback"
+# Keys each point sets itself: forwarding a user's value for them would override every point.
+POINT_KEYS = ("model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.ffn_hidden",
+              "train.steps", "train.eval_interval", "optim.warmup_steps", "run.", "sweep.")
+# Of Hydra's own overrides only the launcher choice and its settings carry over to the multirun.
+LAUNCHER_KEYS = ("hydra/launcher", "hydra.launcher.")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    name: str
+    budget: float
+    model: ModelConfig
+    params: int  # the N of the fits (fit.params)
+    params_total: int
+    steps: int
+    tokens: int
+    flops: float  # measured-style training FLOPs: tokens * training_flops_per_token
+
+    @property
+    def tokens_per_param(self) -> float:
+        return self.tokens / self.params
+
+
+def shaped_model(base: ModelConfig, n_layers: int, head_dim: int, aspect: float) -> ModelConfig:
+    """The base model reshaped to n_layers by the shape rule (module doc)."""
+    d_model = head_dim * max(1, round(aspect * n_layers / head_dim))
+    n_heads = d_model // head_dim
+    group = base.n_heads // base.kv_heads
+    kv = n_heads // group if n_heads % group == 0 else None
+    return dataclasses.replace(base, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                               n_kv_heads=kv, ffn_hidden=None)
+
+
+def model_shapes(cfg: Config, max_layers: int = 256) -> list[ModelConfig]:
+    """Distinct shapes closest (in log N) to `sweep.sizes` sizes log-spaced in [min_params, max_params]."""
+    s = cfg.sweep
+    if s.head_dim <= 0 or s.head_dim % 2 or s.aspect <= 0:
+        raise ValueError(f"sweep.head_dim={s.head_dim} must be a positive even number and "
+                         f"sweep.aspect={s.aspect} positive")
+    if not 0 < s.min_params <= s.max_params or s.sizes < 1:
+        raise ValueError(f"need 0 < sweep.min_params <= sweep.max_params and sweep.sizes >= 1; got "
+                         f"{s.min_params}, {s.max_params}, {s.sizes}")
+    ray = [shaped_model(cfg.model, n, s.head_dim, s.aspect) for n in range(1, max_layers + 1)]
+    sizes = [getattr(param_counts(m), cfg.fit.params) for m in ray]
+    step = (math.log(s.max_params) - math.log(s.min_params)) / max(1, s.sizes - 1)
+    chosen: list[ModelConfig] = []
+    for i in range(s.sizes):
+        target = math.log(s.min_params) + i * step
+        best = min(range(len(ray)), key=lambda j: abs(math.log(sizes[j]) - target))
+        if ray[best] not in chosen:
+            chosen.append(ray[best])
+    return chosen
+
+
+def plan(cfg: Config) -> list[SweepPoint]:
+    """Every (shape, tokens) point of the IsoFLOP sweep described by cfg.sweep, smallest budget first."""
+    if not cfg.sweep.budgets:
+        raise ValueError("sweep.budgets is empty: give budgets in FLOPs, e.g. sweep.budgets=[1e13,3e13]")
+    tokens_per_step = (cfg.train.global_batch_size or cfg.train.micro_batch_size) * cfg.train.seq_len
+    lo, hi = cfg.sweep.min_tokens_per_param, cfg.sweep.max_tokens_per_param
+    points = []
+    for i, budget in enumerate(sorted(cfg.sweep.budgets)):
+        for model in model_shapes(cfg):
+            counts = param_counts(model)
+            n = getattr(counts, cfg.fit.params)
+            steps = round(budget / (6 * n) / tokens_per_step)
+            tokens = steps * tokens_per_step
+            if steps < 1 or not lo <= tokens / n <= hi:
+                continue
+            name = f"c{i}_L{model.n_layers}_d{model.d_model}"
+            points.append(SweepPoint(name, float(budget), model, n, counts.total, steps, tokens,
+                                     tokens * training_flops_per_token(model, cfg.train.seq_len)))
+    if not points:
+        raise ValueError("no sweep point has a token count in [sweep.min_tokens_per_param, "
+                         "sweep.max_tokens_per_param]; widen the params range or change the budgets")
+    return points
+
+
+def _point_config(cfg: Config, p: SweepPoint, sweep_dir: Path) -> dict:
+    m = p.model
+    # Warmup is capped at a fifth of the run so the shortest runs still decay; one eval at the end.
+    return {"model": {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
+                      "n_kv_heads": m.n_kv_heads, "ffn_hidden": None},
+            "train": {"steps": p.steps, "eval_interval": p.steps},
+            "optim": {"warmup_steps": min(cfg.optim.warmup_steps, p.steps // 5)},
+            "sweep": {"budget": p.budget, "dir": str(sweep_dir)},
+            "run": {"dir": str(sweep_dir / "runs" / p.name), "name": p.name}}
+
+
+def multirun_command(points: list[SweepPoint], sweep_dir: Path, overrides: list[str]) -> list[str]:
+    """argv of the Hydra multirun that trains every point and refits after each run.
+
+    `overrides` are the generator's own command-line overrides: training settings and the Hydra
+    launcher (e.g. hydra/launcher=submitit_slurm hydra.launcher.partition=gpu) are passed on.
+    """
+    forwarded = []
+    for o in overrides:
+        key = o.lstrip("+~")
+        if key.startswith("hydra") and not key.startswith(LAUNCHER_KEYS) or key.startswith(POINT_KEYS):
+            continue
+        forwarded.append(o)
+    return [sys.executable, "-m", "launcher.train", "--multirun",
+            f"hydra.searchpath=[file://{sweep_dir / 'conf'}]",
+            f"+{GROUP}=" + ",".join(p.name for p in points),
+            f"hydra.sweep.dir={sweep_dir / 'hydra'}",
+            f"+hydra.callbacks.scaling_refit._target_={CALLBACK}",
+            *forwarded]
+
+
+def write_sweep(cfg: Config, points: list[SweepPoint], overrides: list[str]) -> list[str]:
+    """Write the point configs, points.csv and command.sh under sweep.dir; return the multirun argv."""
+    sweep_dir = Path(cfg.sweep.dir).resolve()
+    group_dir = sweep_dir / "conf" / GROUP
+    group_dir.mkdir(parents=True, exist_ok=True)
+    for p in points:
+        body = yaml.safe_dump(_point_config(cfg, p, sweep_dir), sort_keys=False)
+        (group_dir / f"{p.name}.yaml").write_text("# @package _global_\n" + body)
+    with open(sweep_dir / "points.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "budget", "N", "N_total", "D", "steps", "tokens_per_param", "flops",
+                    "d_model", "n_layers", "n_heads", "n_kv_heads"])
+        for p in points:
+            w.writerow([p.name, p.budget, p.params, p.params_total, p.tokens, p.steps,
+                        f"{p.tokens_per_param:.4g}", f"{p.flops:.6g}", p.model.d_model, p.model.n_layers,
+                        p.model.n_heads, p.model.n_kv_heads or p.model.n_heads])
+    argv = multirun_command(points, sweep_dir, overrides)
+    (sweep_dir / "command.sh").write_text("#!/bin/sh\n" + shlex.join(["python", *argv[1:]]) + "\n")
+    return argv
