@@ -1,0 +1,244 @@
+"""The training data stream: memory-mapped packed windows, shuffled per epoch, sliced per DP rank, blended.
+
+Global sample j (counted over all DP ranks) belongs to rank (j // micro_batch) % dp_size. A blend assigns
+j to the dataset whose count lags its weight most (the greedy schedule of Megatron's blended dataset:
+after any n samples every dataset holds its share within one sample). The k-th sample of dataset d is
+window perm_e(k mod E_d) of its epoch e = k // E_d, where perm_e is a seeded permutation computed on the
+fly (a Feistel network, no per-window index in RAM) and E_d is its window count rounded down to a multiple
+of dp_size x micro_batch (the remainder is a different random subset each epoch). The whole state is
+the sample counter and one counter per dataset, so resume is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from megatrain.config import Config
+from megatrain.data.errors import DataError
+from megatrain.data.shards import Stream, check_tokenizer_file, open_split, read_manifest, verify_checksums
+from megatrain.data.tokenizer import load_tokenizer as _load_tokenizer
+from megatrain.data.tokenizer import special_ids, tokenizer_hash
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    vocab_size: int  # the tokenizer's
+    eod_id: int
+    tokenizer_path: str
+    tokenizer_sha256: str
+    train_tokens: int  # over all blended datasets, after the validation carve
+    valid_tokens: int
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer of a prepared data dir, or a tokenizer.json / vocab.json+merges.txt."""
+    return _load_tokenizer(path)
+
+
+def parse_blend(cfg: Config) -> list[tuple[str, float]]:
+    """(directory, weight) pairs from data.blend ("dir:weight"), or data.path alone; weights sum to 1."""
+    if not cfg.data.blend:
+        return [(cfg.data.path, 1.0)]
+    pairs = []
+    for entry in cfg.data.blend:
+        path, _, weight = str(entry).rpartition(":")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = -1.0
+        if not path or not (w > 0 and math.isfinite(w)):
+            raise DataError(f"data.blend entry {entry!r} must be '<prepared dir>:<weight>' with a weight "
+                            "> 0, e.g. data.blend=[data/web:0.7,data/code:0.3]")
+        pairs.append((path, w))
+    total = sum(w for _, w in pairs)
+    return [(p, w / total) for p, w in pairs]
+
+
+def _valid_fraction(cfg: Config) -> float:
+    f = cfg.data.valid_fraction
+    if not 0.0 <= f < 1.0:
+        raise DataError(f"data.valid_fraction={f} must be in [0, 1)")
+    return 0.0 if cfg.data.valid_path else f
+
+
+def check_data(cfg: Config) -> DataInfo:
+    """Everything about the data that can fail, checked before any process group exists."""
+    t, m = cfg.train, cfg.model
+    if t.seq_len > m.max_seq_len:
+        raise DataError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    fraction = _valid_fraction(cfg)
+    dirs = [p for p, _ in parse_blend(cfg)] + ([cfg.data.valid_path] if cfg.data.valid_path else [])
+    manifests = {d: read_manifest(d) for d in dirs}
+    first = dirs[0]
+    want = manifests[first]["tokenizer"]
+    for d, manifest in manifests.items():
+        if manifest["tokenizer"]["sha256"] != want["sha256"]:
+            raise DataError(f"{d} was prepared with tokenizer {manifest['tokenizer']['sha256'][:12]}, "
+                            f"{first} with {want['sha256'][:12]}: every dataset of a run needs the same "
+                            "tokenizer")
+        check_tokenizer_file(Path(d), manifest)
+        verify_checksums(Path(d), manifest)
+    if cfg.tokenizer.path:
+        tok = load_tokenizer(cfg.tokenizer.path)
+        special_ids(tok, cfg.tokenizer, cfg.tokenizer.path)
+        if tokenizer_hash(tok) != want["sha256"]:
+            raise DataError(f"{first}/manifest.json was written by tokenizer {want['sha256'][:12]}, but "
+                            f"tokenizer.path={cfg.tokenizer.path} is {tokenizer_hash(tok)[:12]}: "
+                            "re-prepare the data with this tokenizer, or drop tokenizer.path to use the "
+                            "data's own")
+    if want["vocab_size"] > m.vocab_size:
+        raise DataError(f"the tokenizer of {first} has {want['vocab_size']} tokens, more than "
+                        f"model.vocab_size={m.vocab_size}; set model.vocab_size >= {want['vocab_size']}")
+    train = valid = 0
+    for d, _ in parse_blend(cfg):
+        stream = open_split(d, manifests[d], "train", fraction)
+        if stream.windows(t.seq_len) == 0:
+            raise DataError(f"{d}: {stream.tokens} train tokens, fewer than one window of "
+                            f"train.seq_len + 1 = {t.seq_len + 1}; prepare more data or lower train.seq_len "
+                            "or data.valid_fraction")
+        train += stream.tokens
+        if fraction:
+            valid += open_split(d, manifests[d], "valid", fraction).tokens
+    if cfg.data.valid_path:
+        valid = open_split(cfg.data.valid_path, manifests[cfg.data.valid_path], "all", 0.0).tokens
+    return DataInfo(vocab_size=want["vocab_size"], eod_id=want["eod_id"],
+                    tokenizer_path=str(Path(first) / want["file"]), tokenizer_sha256=want["sha256"],
+                    train_tokens=train, valid_tokens=valid)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def permute(idx: np.ndarray, n: int, key: int) -> np.ndarray:
+    """A seeded bijection of [0, n) applied to `idx`: 4-round Feistel on 2^k >= n, cycle-walked into range."""
+    if n <= 1:
+        return idx.copy()
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    keys = [np.uint64(int(_mix(np.array([key * 4 + r], dtype=np.uint64))[0])) for r in range(4)]
+    x = idx.astype(np.uint64)
+    todo = np.ones(len(x), dtype=bool)
+    while todo.any():
+        left, right = x[todo] >> np.uint64(half), x[todo] & mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right ^ k) & mask)
+        x[todo] = (left << np.uint64(half)) | right
+        todo = x >= np.uint64(n)
+    return x.astype(np.int64)
+
+
+def _key(*parts: int) -> int:
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = int(_mix(np.array([(h ^ (p & _MASK64)) & _MASK64], dtype=np.uint64))[0])
+    return h >> 2  # room for the round counter in permute
+
+
+class TokenLoader:
+    """Micro-batches of packed windows for one DP rank; see the module docstring for the order."""
+
+    def __init__(self, streams: list[Stream], weights: list[float], *, seq_len: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int, seed: int, shuffle: bool, eod_id: int, document_mask: bool,
+                 names: list[str]):
+        if not 0 <= dp_rank < dp_size:
+            raise DataError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
+        self.streams, self.weights = streams, np.asarray(weights, dtype=np.float64)
+        self.seq_len, self.mbs, self.dp_rank, self.dp_size = seq_len, micro_batch_size, dp_rank, dp_size
+        self.seed, self.shuffle, self.eod_id, self.document_mask = seed, shuffle, eod_id, document_mask
+        per_call = micro_batch_size * dp_size
+        self.windows = [s.windows(seq_len) for s in streams]
+        self.epoch_len = [w - w % per_call for w in self.windows]
+        for name, w in zip(names, self.windows):
+            if w < per_call:
+                raise DataError(f"{name}: {w} windows of {seq_len + 1} tokens, fewer than micro_batch_size x "
+                                f"dp_size = {per_call}; prepare more data or lower the batch or seq_len")
+        self.samples = 0
+        self.counts = [0] * len(streams)
+        self._buf = np.empty((micro_batch_size, seq_len + 1), dtype=np.int64)
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed by the first (or only) dataset."""
+        return self.counts[0] // self.epoch_len[0]
+
+    def _assign(self, n: int) -> list[tuple[int, int]]:
+        """(dataset, sample index within it) for the next n global samples; advances the counters."""
+        out = []
+        for _ in range(n):
+            j = self.samples + 1
+            d = 0 if len(self.counts) == 1 else int(np.argmax(self.weights * j - np.asarray(self.counts)))
+            out.append((d, self.counts[d]))
+            self.counts[d] += 1
+            self.samples = j
+        return out
+
+    def _window(self, d: int, k: int) -> int:
+        epoch, pos = divmod(k, self.epoch_len[d])
+        if not self.shuffle:
+            return pos
+        return int(permute(np.array([pos]), self.windows[d], _key(self.seed, d, epoch))[0])
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        picks = self._assign(self.mbs * self.dp_size)
+        mine = picks[self.dp_rank * self.mbs:(self.dp_rank + 1) * self.mbs]
+        for row, (d, k) in enumerate(mine):
+            self.streams[d].read(self._window(d, k) * self.seq_len, self._buf[row])
+        tokens = torch.from_numpy(self._buf)
+        batch = {"input_ids": tokens[:, :-1].clone(), "labels": tokens[:, 1:].clone()}
+        if self.document_mask:
+            # Every document ends with EOD (and EOD never occurs inside one), so a token's document is
+            # the number of EODs before it in the window; the EOD itself closes its own document.
+            is_eod = (batch["input_ids"] == self.eod_id).to(torch.int32)
+            batch["doc_ids"] = torch.cumsum(is_eod, dim=1, dtype=torch.int32) - is_eod
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        state = {"samples": self.samples, "seq_len": self.seq_len, "micro_batch_size": self.mbs,
+                 "dp_size": self.dp_size}
+        for d, (count, windows) in enumerate(zip(self.counts, self.windows)):
+            state[f"consumed_{d}"] = count
+            state[f"windows_{d}"] = windows
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        diff = {k: (state.get(k), mine.get(k)) for k in sorted(set(state) | set(mine))
+                if not k.startswith(("samples", "consumed_")) and state.get(k) != mine.get(k)}
+        if diff or set(state) != set(mine):
+            raise DataError(f"data loader state from the checkpoint does not fit this run "
+                            f"(saved, now): {diff}; exact resume needs the same datasets, seq_len, "
+                            "micro_batch_size and DP size")
+        self.samples = int(state["samples"])
+        self.counts = [int(state[f"consumed_{d}"]) for d in range(len(self.counts))]
+
+
+def build_loader(cfg: Config, *, split: str, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 seed: int) -> TokenLoader:
+    """A loader over the train split (shuffled, infinite) or the valid split (fixed order, from the start)."""
+    if split not in ("train", "valid"):
+        raise DataError(f"split={split!r}; choose train or valid")
+    fraction = _valid_fraction(cfg)
+    blend = parse_blend(cfg)
+    if split == "valid" and cfg.data.valid_path:
+        blend, part = [(cfg.data.valid_path, 1.0)], "all"
+    elif split == "valid" and not fraction:
+        raise DataError("no validation data: set data.valid_fraction > 0 or data.valid_path")
+    else:
+        part = split
+    streams = [open_split(d, read_manifest(d), part, fraction) for d, _ in blend]
+    eod = read_manifest(blend[0][0])["tokenizer"]["eod_id"]
+    return TokenLoader(streams, [w for _, w in blend], seq_len=seq_len, micro_batch_size=micro_batch_size,
+                       dp_rank=dp_rank, dp_size=dp_size, seed=seed, shuffle=split == "train", eod_id=eod,
+                       document_mask=cfg.data.document_mask, names=[f"{d} ({split})" for d, _ in blend])
