@@ -110,30 +110,34 @@ class DataConfig:
     path: str = "data/demo"  # a directory written by launcher.prepare
     # Several prepared datasets mixed by weight: ["data/a:0.7", "data/b:0.3"]; overrides path.
     blend: List[str] = field(default_factory=list)
+    # Trailing documents of every shard held out for eval (whole documents, at least this fraction).
     valid_fraction: float = 0.01
-    valid_path: Optional[str] = None  # a separate prepared set for eval
+    valid_path: Optional[str] = None  # a separate prepared set for eval; then nothing is carved
     document_mask: bool = False  # no attention across documents packed in one window
 
 
 @dataclass
 class TokenizerConfig:
-    path: Optional[str] = None  # an existing tokenizer.json (or directory with vocab+merges)
+    path: Optional[str] = None  # an existing tokenizer.json, or a directory with one (or vocab.json+merges.txt)
     vocab_size: int = 8192
     min_frequency: int = 2
-    eod_token: str = "<|endoftext|>"
-    bos_token: Optional[str] = None
+    train_bytes: int = 0  # train on the first N bytes of text only; 0: all of the input
+    eod_token: str = "<|endoftext|>"  # appended to every document
+    bos_token: Optional[str] = None  # when set, prepended to every document
     pad_token: Optional[str] = None
 
 
 @dataclass
 class PrepareConfig:
-    input: List[str] = field(default_factory=list)
-    format: str = "text"  # text | jsonl | parquet
+    # Files, directories or globs; a single string or a list ([a.txt,b.txt]), hence Any.
+    input: Any = field(default_factory=list)
+    format: str = "text"  # text | jsonl | parquet, or a HF `datasets` builder: json | csv | arrow
     text_field: str = "text"
+    text_unit: str = "file"  # format=text: one document per file | paragraph | line
     output: str = "data/prepared"
-    shard_tokens: int = 50_000_000
-    num_proc: int = 0  # 0: all cores
-    on_bad_file: str = "fail"  # fail | skip
+    shard_tokens: int = 50_000_000  # upper bound on tokens per shard
+    num_proc: int = 0  # tokenizer threads; 0: all cores
+    on_bad_file: str = "fail"  # fail | skip (a non-UTF-8 file or a bad jsonl record is skipped and counted)
 
 
 @dataclass
