@@ -292,7 +292,7 @@ def bootstrap(approach: int, points: Sequence[Point], n: int, seed: int = 0) -> 
             sample = [g[i] for g in groups for i in rng.integers(0, len(g), len(g))]
         try:
             if approach == 3:
-                fits.append(fit_approach3(sample, starts=4, inits=[theta(full)]))
+                fits.append(fit_approach3(sample, starts=2, inits=[theta(full)]))
             else:
                 fits.append(fit(approach, sample))
         except ValueError:  # a resample can lose the sizes a fit needs
