@@ -1,0 +1,22 @@
+"""`python -m launcher.train <overrides>` or `torchrun --nproc_per_node=N -m launcher.train <overrides>`."""
+
+import sys
+
+from omegaconf import DictConfig, OmegaConf
+
+from launcher.common import hydra_main
+from megatrain.config import to_config
+
+
+def _train(cfg: DictConfig) -> None:
+    from megatrain.engine.trainer import train  # heavy imports after Hydra has checked the config
+
+    code = train(to_config(cfg), OmegaConf.to_container(cfg, resolve=True))
+    if code:
+        sys.exit(code)
+
+
+main = hydra_main(_train)
+
+if __name__ == "__main__":
+    main()

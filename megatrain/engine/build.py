@@ -1,0 +1,85 @@
+"""From a validated config to a running DeepSpeed engine: process groups, model, optimizer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatrain.config import Config, Layout
+from megatrain.engine.deepspeed_config import deepspeed_config
+from megatrain.engine.dist_env import DistEnv
+from megatrain.engine.schedule import build_scheduler
+from megatrain.model.init import init_parameter
+from megatrain.model.transformer import Transformer
+from megatrain.parallel.mesh import Mesh
+
+log = logging.getLogger("megatrain")
+
+
+def pick_device(cfg: Config, env: DistEnv) -> torch.device:
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is visible")
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device) -> None:
+    """Start torch.distributed through DeepSpeed, without its CPU ops that training never uses."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # one per ZeRO collective otherwise
+    import deepspeed
+    import deepspeed.ops
+
+    # Compiling the shared-memory op costs ~40 s at start and gloo training never uses it.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+
+
+def build_model(cfg: Config, mesh: Mesh, ds_config: dict[str, Any]) -> Transformer:
+    """The model, partitioned over the DP group from birth when ZeRO-3 is on."""
+    import deepspeed
+
+    zero3 = cfg.parallel.zero_stage == 3
+    # zero.Init ignores `mpu` and would partition over the whole world, mixing TP shards:
+    # the DP group must be named explicitly.
+    with deepspeed.zero.Init(data_parallel_group=mesh.dp_group, mpu=mesh, config_dict_or_path=ds_config,
+                             enabled=zero3):
+        model = Transformer(cfg.model, mesh, cfg.parallel.sequence_parallel, cfg.train.activation_checkpointing)
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3):
+            init_parameter(p, name, cfg.train.seed, mesh)
+    return model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (linears, embeddings); not norms or biases."""
+    decay, keep = [], []
+    for p in model.parameters():
+        (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else keep).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def build_engine(cfg: Config, layout: Layout, mesh: Mesh, device: torch.device):
+    """(DeepSpeed engine, DeepSpeed config dict)."""
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, layout)
+    model = build_model(cfg, mesh, ds_config)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                  eps=o.eps, fused=True)
+    scheduler = build_scheduler(optimizer, o, cfg.train.steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, mpu=mesh, dist_init_required=False)
+    return engine, ds_config

@@ -1,0 +1,30 @@
+"""Our config -> the DeepSpeed config dict (one place that knows DeepSpeed's key names)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megatrain.config import Config, Layout
+
+
+def deepspeed_config(cfg: Config, layout: Layout) -> dict[str, Any]:
+    stage = cfg.parallel.zero_stage
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 2:
+        zero.update(contiguous_gradients=True, overlap_comm=True, reduce_scatter=True)
+    if stage == 3:
+        # Small tensors (norms, biases) stay whole on every rank: gathering them costs more than it saves.
+        zero.update(stage3_param_persistence_threshold=10 * cfg.model.d_model,
+                    stage3_gather_16bit_weights_on_model_save=False)
+    return {
+        "train_batch_size": layout.global_batch_size,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": cfg.train.grad_clip,
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": False},
+    }

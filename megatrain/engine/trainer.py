@@ -1,0 +1,235 @@
+"""The training loop: one function from a config to a finished (or preempted) run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from megatrain.config import Config, ConfigError, Layout, validate
+from megatrain.data.dataset import build_loader, check_data, load_tokenizer
+from megatrain.engine.build import build_engine, init_distributed, pick_device
+from megatrain.engine.checkpoint import Checkpointer
+from megatrain.engine.dist_env import export_dist_env, resolve_dist_env
+from megatrain.observe.logger import MetricsLogger, setup_console_logging
+from megatrain.observe.meters import StepTimer, memory_stats, peak_flops
+from megatrain.parallel.mesh import Mesh
+from megatrain.scaling.flops import param_counts, training_flops_per_token
+
+log = logging.getLogger("megatrain")
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on a signal; the batch script requeues the job
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit) ask for save-and-exit."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._request)
+
+    def _request(self, signum, frame) -> None:
+        # Only a flag: a second signal during the save cannot interrupt it.
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        """All ranks stop at the same step if any rank was signalled."""
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def prepare_run_dir(cfg: Config, raw: dict[str, Any], rank: int) -> Path:
+    """Create run.dir; refuse to mix a run into a directory that holds a different model."""
+    run_dir = Path(cfg.run.dir)
+    saved = run_dir / "config.yaml"
+    if saved.exists() and cfg.train.resume != "none":
+        before = OmegaConf.load(saved).get("model")
+        if before is not None and OmegaConf.to_container(before) != raw["model"]:
+            raise ConfigError(f"{saved} was written for another model ({dict(before)}); "
+                              f"use a new run.dir or the same model.* keys")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(OmegaConf.to_yaml(OmegaConf.create(raw)))
+    return run_dir
+
+
+def _drop_rows_after(metrics: Path, step: int) -> None:
+    """On resume, rows logged after the checkpoint belong to work that is redone: remove them."""
+    if not metrics.exists():
+        return
+    rows = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    metrics.write_text("".join(r + "\n" for r in rows))
+
+
+def _mean_over(value: torch.Tensor, group: dist.ProcessGroup | None) -> float:
+    value = value.detach().float().clone()
+    dist.all_reduce(value, group=group)
+    return value.item() / dist.get_world_size(group)
+
+
+def evaluate(engine, cfg: Config, layout: Layout, mesh: Mesh, device: torch.device) -> float:
+    """Mean loss over `train.eval_steps` batches of the validation split (same batches every time)."""
+    loader = build_loader(cfg, split="valid", seq_len=cfg.train.seq_len, micro_batch_size=layout.micro_batch_size,
+                          dp_rank=mesh.dp_rank, dp_size=mesh.dp, seed=cfg.train.seed)
+    engine.eval()
+    total = torch.zeros((), device=device)
+    with torch.no_grad():
+        for _ in range(cfg.train.eval_steps):
+            total += engine(**_to(loader.next_batch(), device))
+    engine.train()
+    return _mean_over(total / cfg.train.eval_steps, mesh.dp_group)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train(cfg: Config, raw: dict[str, Any]) -> int:
+    """Run training to cfg.train.steps; returns the process exit code (0, or EXIT_PREEMPTED)."""
+    env = resolve_dist_env()
+    export_dist_env(env)
+    setup_console_logging(env.rank)
+    layout = validate(cfg, env.world_size)
+    data = check_data(cfg)  # before any process group: a bad dataset costs seconds, not a queue wait
+    run_dir = prepare_run_dir(cfg, raw, env.rank)
+
+    device = pick_device(cfg, env)
+    init_distributed(device)
+    mesh = Mesh.build(cfg.parallel.tp, cfg.parallel.pp)
+    torch.manual_seed(cfg.train.seed)
+    engine, _ = build_engine(cfg, layout, mesh, device)
+    loader = build_loader(cfg, split="train", seq_len=cfg.train.seq_len, micro_batch_size=layout.micro_batch_size,
+                          dp_rank=mesh.dp_rank, dp_size=mesh.dp, seed=cfg.train.seed)
+
+    checkpointer = Checkpointer(run_dir, cfg.train.keep_last, env.rank)
+    step, tokens = 0, 0
+    resume_from = _resume_path(cfg, checkpointer)
+    if resume_from is not None:
+        state = checkpointer.load(engine, resume_from)
+        step, tokens = state["step"], state["tokens"]
+        loader.load_state_dict(state["data"])
+        if env.rank == 0:
+            _drop_rows_after(run_dir / "metrics.jsonl", step)
+        log.info("resumed from %s at step %d (%d tokens)", resume_from, step, tokens)
+
+    counts = param_counts(cfg.model)
+    flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
+    peak, peak_source = peak_flops(device, cfg.train.precision)
+    tokens_per_step = layout.global_batch_size * cfg.train.seq_len
+    log.info("model %s: %s params (%s non-embedding) | layout tp=%d pp=%d dp=%d zero=%d | global batch %d "
+             "(micro %d x accum %d x dp %d) | peak %.1f TFLOP/s/device (%s)", cfg.model.name,
+             f"{counts.total:,}", f"{counts.non_embedding:,}", layout.tp, layout.pp, layout.dp,
+             cfg.parallel.zero_stage, layout.global_batch_size, layout.micro_batch_size, layout.grad_accum,
+             layout.dp, peak / 1e12, peak_source)
+
+    metrics = MetricsLogger(run_dir, enabled=env.rank == 0, total_steps=cfg.train.steps, start_step=step,
+                            wandb_mode=cfg.logging.wandb_mode, wandb_project=cfg.logging.wandb_project,
+                            wandb_entity=cfg.logging.wandb_entity, run_name=cfg.run.name, config=raw,
+                            progress=cfg.logging.progress)
+    preemption = Preemption()
+    timer = StepTimer(device)
+    last_loss = last_eval = float("nan")
+    window_start, window_steps = time.perf_counter(), 0
+
+    def save() -> None:
+        checkpointer.save(engine, step, {"step": step, "tokens": tokens, "data": loader.state_dict()},
+                          meta={"layout": asdict(layout), "zero_stage": cfg.parallel.zero_stage})
+
+    exit_code = 0
+    while step < cfg.train.steps:
+        losses = torch.zeros((), device=device)
+        timer.start()
+        for _ in range(layout.grad_accum):
+            batch = _to(loader.next_batch(), device)
+            timer.stop("data_s")
+            loss = engine(**batch)
+            engine.backward(loss)
+            timer.stop("fwd_bwd_s")
+            engine.step()  # DeepSpeed counts micro-batches: the optimizer steps at the boundary only
+            timer.stop("optim_s")
+            losses += loss.detach()
+        step += 1
+        tokens += tokens_per_step
+        window_steps += 1
+        last_loss = _mean_over(losses / layout.grad_accum, mesh.dp_group)
+        if not math.isfinite(last_loss):
+            raise FloatingPointError(f"loss is {last_loss} at step {step}; lower optim.lr or check the data")
+
+        row: dict[str, Any] = {}
+        if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
+            elapsed = time.perf_counter() - window_start
+            tps = tokens_per_step * window_steps / elapsed
+            achieved = tps / layout.world * flops_per_token
+            row = {"step": step, "loss": last_loss, "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine),
+                   "tokens": tokens, "tokens_per_s": tps, "tokens_per_s_per_device": tps / layout.world,
+                   "tflops_per_device": achieved / 1e12, "mfu": achieved / peak,
+                   "step_time_s": elapsed / window_steps, "restart_count": env.restart_count,
+                   **{k: v / window_steps for k, v in timer.pop().items()}, **memory_stats(device)}
+            window_start, window_steps = time.perf_counter(), 0
+        if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
+            last_eval = evaluate(engine, cfg, layout, mesh, device)
+            row.update(step=step, eval_loss=last_eval, eval_ppl=math.exp(min(last_eval, 50.0)))
+            window_start = time.perf_counter()  # eval time is not training throughput
+        if row:
+            metrics.log(row)
+
+        if preemption.agreed(device):
+            save()
+            log.info("signal received: saved step %d, exiting with %d for requeue", step, EXIT_PREEMPTED)
+            exit_code = EXIT_PREEMPTED
+            break
+        if step == cfg.train.steps or (cfg.train.save_interval and step % cfg.train.save_interval == 0):
+            save()
+
+    if exit_code == 0:
+        if cfg.train.sample_tokens > 0:
+            _print_sample(engine, cfg, data.tokenizer_path, device, env.rank)
+        summary = {"params_total": counts.total, "params_non_embedding": counts.non_embedding,
+                   "tokens": tokens, "flops": tokens * flops_per_token, "steps": step,
+                   "final_loss": last_loss, "final_eval_loss": last_eval,
+                   "layout": asdict(layout), "zero_stage": cfg.parallel.zero_stage}
+        if env.rank == 0:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        metrics.summary(summary)
+    metrics.close()
+    dist.barrier()
+    return exit_code
+
+
+def _resume_path(cfg: Config, checkpointer: Checkpointer) -> Path | None:
+    if cfg.train.resume == "none":
+        if checkpointer.complete():
+            raise ConfigError(f"run.dir={cfg.run.dir} already holds checkpoints and train.resume=none; "
+                              "use train.resume=auto to continue it, or a new run.dir")
+        return None
+    if cfg.train.resume == "auto":
+        return checkpointer.find_latest()
+    path = Path(cfg.train.resume)
+    if not path.is_dir():
+        raise ConfigError(f"train.resume={cfg.train.resume}: no such checkpoint directory")
+    return path
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+def _print_sample(engine, cfg: Config, tokenizer_path: str, device: torch.device, rank: int) -> None:
+    """A short continuation of a prompt; every rank runs the forward (ZeRO-3 / TP need them all)."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    prompt = torch.tensor([tokenizer.encode(cfg.train.sample_prompt).ids], device=device)
+    out = engine.module.generate(prompt, cfg.train.sample_tokens, seed=cfg.train.seed)
+    if rank == 0:
+        print(f"\n--- sample ---\n{tokenizer.decode(out[0].tolist())}\n--------------", flush=True)

@@ -1,0 +1,196 @@
+"""The decoder-only transformer: LLaMA style (RMSNorm, RoPE, SwiGLU, GQA, no biases) or
+GPT-2 style (LayerNorm, learned positions, GELU, biases), tied or untied embeddings.
+
+Built from tensor-parallel layers; with a one-rank mesh they are plain linears. The model is
+three kinds of pieces -- `Embedding`, `Block` x n_layers, `Head` -- so pipeline stages are
+slices of the same pieces. Activations are [batch, seq, hidden]; under sequence parallelism
+the residual stream holds this rank's sequence shard.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatrain.config import ModelConfig
+from megatrain.model.norms import Norm
+from megatrain.model.rope import apply_rope, rope_tables
+from megatrain.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatrain.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    copy_to_tp,
+    gather_last_dim,
+    gather_sequence,
+    make_param,
+    scatter_sequence,
+    sequence_parallel_param,
+)
+from megatrain.parallel.mesh import Mesh
+
+
+class Context:
+    """What every block needs besides its input: RoPE tables and the attention mask."""
+
+    def __init__(self, cfg: ModelConfig, seq_len: int, device: torch.device, doc_ids: torch.Tensor | None):
+        self.rope = rope_tables(seq_len, cfg.head_dim, cfg.rope_theta, device) if cfg.position == "rope" else None
+        self.mask = None
+        if doc_ids is not None:  # block-causal: attend only to earlier tokens of the same document
+            causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+            self.mask = (doc_ids[:, :, None] == doc_ids[:, None, :]).logical_and(causal).unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool, selective_checkpoint: bool):
+        super().__init__()
+        self.mesh, self.sp, self.selective = mesh, sp, selective_checkpoint
+        self.head_dim = cfg.head_dim
+        self.heads, self.kv_heads = cfg.n_heads // mesh.tp, cfg.kv_heads // mesh.tp
+        self.dropout = cfg.dropout
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        d, q_dim, kv_dim = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        self.q = ColumnParallelLinear(d, q_dim, mesh, bias=cfg.bias, std=std, sequence_parallel=sp)
+        self.k = ColumnParallelLinear(d, kv_dim, mesh, bias=cfg.bias, std=std, sequence_parallel=sp)
+        self.v = ColumnParallelLinear(d, kv_dim, mesh, bias=cfg.bias, std=std, sequence_parallel=sp)
+        self.o = RowParallelLinear(q_dim, d, mesh, bias=cfg.bias, std=out_std, sequence_parallel=sp)
+
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        x = tp_input(x, self.mesh, self.sp)  # one gather/copy shared by q, k and v
+        b, s, _ = x.shape
+        q = self.q(x, ready=True).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x, ready=True).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x, ready=True).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        if self.selective:  # recompute only the attention core: the largest activations, cheap FLOPs
+            y = checkpoint(self.core, q, k, v, ctx.mask, use_reentrant=False)
+        else:
+            y = self.core(q, k, v, ctx.mask)
+        return self.o(y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.kv_heads != self.heads,
+            dropout_p=self.dropout if self.training else 0.0)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool):
+        super().__init__()
+        self.mesh, self.sp, self.swiglu = mesh, sp, cfg.activation == "swiglu"
+        d, f = cfg.d_model, cfg.ffn_dim
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        if self.swiglu:
+            self.gate = ColumnParallelLinear(d, f, mesh, bias=cfg.bias, std=std, sequence_parallel=sp)
+        self.up = ColumnParallelLinear(d, f, mesh, bias=cfg.bias, std=std, sequence_parallel=sp)
+        self.down = RowParallelLinear(f, d, mesh, bias=cfg.bias, std=out_std, sequence_parallel=sp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = tp_input(x, self.mesh, self.sp)
+        if self.swiglu:
+            return self.down(F.silu(self.gate(x, ready=True)) * self.up(x, ready=True))
+        return self.down(F.gelu(self.up(x, ready=True), approximate="tanh"))
+
+
+def tp_input(x: torch.Tensor, mesh: Mesh, sp: bool) -> torch.Tensor:
+    """Enter a tensor-parallel region: gather the sequence (SP) or mark the input replicated."""
+    return gather_sequence(x, mesh.tp_group) if sp else copy_to_tp(x, mesh.tp_group)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool = False, checkpointing: str = "none"):
+        super().__init__()
+        self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias, mesh, sp)
+        self.attn = Attention(cfg, mesh, sp, selective_checkpoint=checkpointing == "selective")
+        self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias, mesh, sp)
+        self.mlp = MLP(cfg, mesh, sp)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), ctx))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool = False):
+        super().__init__()
+        self.mesh, self.sp = mesh, sp
+        self.tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, mesh, std=cfg.init_std,
+                                             sequence_parallel=sp)
+        self.positions = None
+        if cfg.position == "learned":
+            self.positions = make_param((cfg.max_seq_len, cfg.d_model), ("normal", cfg.init_std))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(ids)  # this rank's sequence shard under SP
+        if self.positions is not None:
+            positions = sequence_parallel_param(self.positions, self.mesh, self.sp)[: ids.shape[1]]
+            h = h + (scatter_sequence(positions.unsqueeze(0), self.mesh.tp_group) if self.sp else positions)
+        return self.dropout(h)
+
+
+class Head(nn.Module):
+    """Final norm, LM head (vocab-parallel) and loss. Tied: borrows the embedding's weight."""
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool = False):
+        super().__init__()
+        self.mesh, self.sp = mesh, sp
+        self.norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias, mesh, sp)
+        self.vocab_start = mesh.tp_rank * (cfg.vocab_size // mesh.tp)
+        self.proj = None if cfg.tie_embeddings else ColumnParallelLinear(
+            cfg.d_model, cfg.vocab_size, mesh, std=cfg.init_std, sequence_parallel=sp)
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None,
+                tied_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean loss over all tokens when labels are given, else full-vocabulary logits."""
+        h = self.norm(h)
+        if self.proj is not None:
+            logits = self.proj(h)
+        else:
+            logits = F.linear(tp_input(h, self.mesh, self.sp), tied_weight)
+        if labels is None:
+            return gather_last_dim(logits, self.mesh.tp_group)
+        return vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.mesh.tp_group).mean()
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh | None = None, sequence_parallel: bool = False,
+                 checkpointing: str = "none"):
+        super().__init__()
+        mesh = mesh or Mesh.single()
+        self.cfg, self.full_checkpoint = cfg, checkpointing == "full"
+        self.embed = Embedding(cfg, mesh, sequence_parallel)
+        self.blocks = nn.ModuleList(Block(cfg, mesh, sequence_parallel, checkpointing) for _ in range(cfg.n_layers))
+        self.head = Head(cfg, mesh, sequence_parallel)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        ctx = Context(self.cfg, input_ids.shape[1], input_ids.device, doc_ids)
+        h = self.embed(input_ids)
+        for block in self.blocks:
+            if self.full_checkpoint and self.training:
+                h = checkpoint(block, h, ctx, use_reentrant=False)
+            else:
+                h = block(h, ctx)
+        tied = self.embed.tokens.weight if self.cfg.tie_embeddings else None
+        return self.head(h, labels, tied)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.8, top_k: int = 50,
+                 seed: int = 0) -> torch.Tensor:
+        """Sample a continuation. Every rank draws the same tokens (same seed, same logits)."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        ids = prompt
+        for _ in range(new_tokens):
+            window = ids[:, -self.cfg.max_seq_len:]
+            logits = self(window)[:, -1].float().cpu() / temperature
+            top = logits.topk(min(top_k, logits.shape[-1]))
+            probs = torch.zeros_like(logits).scatter_(-1, top.indices, top.values.softmax(-1))
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen).to(ids.device)], dim=1)
+        return ids

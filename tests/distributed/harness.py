@@ -1,0 +1,52 @@
+"""Run a function on N real processes joined by a gloo process group (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
+                      OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        result = fn(rank, *args)
+    except BaseException:
+        torch.save({"error": traceback.format_exc()}, os.path.join(out_dir, f"{rank}.pt"))
+        raise
+    torch.save({"result": result}, os.path.join(out_dir, f"{rank}.pt"))
+
+
+def run_ranks(world: int, fn: Callable, *args: Any) -> list[Any]:
+    """fn(rank, *args) on `world` spawned processes; returns every rank's result, rank order."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        try:
+            mp.start_processes(_entry, args=(world, _free_port(), fn, args, out_dir), nprocs=world,
+                               start_method="spawn", join=True)
+        except mp.ProcessRaisedException:
+            pass  # the rank's own traceback is reported below
+        results = []
+        for rank in range(world):
+            path = os.path.join(out_dir, f"{rank}.pt")
+            if not os.path.exists(path):
+                raise RuntimeError(f"rank {rank} died without a result")
+            saved = torch.load(path, weights_only=False)
+            if "error" in saved:
+                raise RuntimeError(f"rank {rank} failed:\n{saved['error']}")
+            results.append(saved["result"])
+        return results

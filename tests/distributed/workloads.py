@@ -1,0 +1,78 @@
+"""Training workloads run on every rank by the distributed tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatrain.config import Config, ModelConfig, validate
+from megatrain.model.init import full_shape, init_parameter
+from megatrain.model.transformer import Transformer
+from megatrain.parallel.mesh import Mesh
+
+TINY = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=64)
+
+
+def synthetic_batches(steps: int, global_batch: int, seq_len: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    """[steps, global_batch, seq_len + 1] token ids, the same on every rank."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (steps, global_batch, seq_len + 1), generator=gen)
+
+
+def make_config(model: dict | None = None, **sections) -> Config:
+    cfg = Config(model=ModelConfig(**(model or TINY)))
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+def engine_losses(rank: int, cfg: Config, steps: int) -> list[float]:
+    """Train `steps` steps through DeepSpeed on synthetic data; the global-batch loss per step."""
+    from megatrain.engine.build import build_engine, init_distributed
+
+    world = dist.get_world_size() if dist.is_initialized() else int(__import__("os").environ["WORLD_SIZE"])
+    layout = validate(cfg, world)
+    device = torch.device("cpu")
+    init_distributed(device)
+    mesh = Mesh.build(cfg.parallel.tp, cfg.parallel.pp)
+    engine, _ = build_engine(cfg, layout, mesh, device)
+    data = synthetic_batches(steps, layout.global_batch_size, cfg.train.seq_len, cfg.model.vocab_size)
+    losses = []
+    per_rank = layout.micro_batch_size * layout.grad_accum
+    for step in range(steps):
+        mine = data[step, mesh.dp_rank * per_rank:(mesh.dp_rank + 1) * per_rank]
+        total = torch.zeros(())
+        for micro in mine.split(layout.micro_batch_size):
+            loss = engine(micro[:, :-1], micro[:, 1:])
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            total += loss.detach()
+        total /= layout.grad_accum
+        dist.all_reduce(total, group=mesh.dp_group)
+        losses.append(total.item() / mesh.dp)
+    return losses
+
+
+def model_gradients(rank: int, model_kw: dict, tp: int, sp: bool, checkpointing: str = "none") -> dict:
+    """One forward/backward of the raw model (no DeepSpeed) with TP; full gradients and the loss."""
+    dist.init_process_group("gloo")
+    mesh = Mesh.build(tp, 1)
+    cfg = ModelConfig(**model_kw)
+    model = Transformer(cfg, mesh, sequence_parallel=sp, checkpointing=checkpointing)
+    for name, p in model.named_parameters():
+        init_parameter(p, name, seed=7, mesh=mesh)
+    batch = synthetic_batches(1, 4, 32, cfg.vocab_size)[0]
+    loss = model(batch[:, :-1], batch[:, 1:])
+    loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        if p.tp_dim is not None and tp > 1:
+            parts = [torch.empty_like(g) for _ in range(tp)]
+            dist.all_gather(parts, g.contiguous(), group=mesh.tp_group)
+            g = torch.cat(parts, dim=p.tp_dim)
+        assert list(g.shape) == full_shape(p, tp)
+        grads[name] = g
+    dist.destroy_process_group()
+    return {"loss": loss.item(), "grads": grads}
