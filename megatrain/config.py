@@ -91,6 +91,7 @@ class TrainConfig:
     profile: bool = False
     device: str = "auto"  # auto | cpu | cuda
     sample_tokens: int = 0  # >0: print a sample of this many tokens at the end
+    sample_prompt: str = "The"
 
 
 @dataclass
