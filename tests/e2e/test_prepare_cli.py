@@ -1,0 +1,38 @@
+"""`python -m launcher.prepare` exactly as users type it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher.prepare", "logging.progress=false", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_glob_and_list_inputs_prepare_the_same_shards(tmp_path):
+    for i in range(3):
+        (tmp_path / f"w{i}_gut.txt").write_text(f"Work number {i}.\nTo be, or not to be. " * (20 + i))
+    files = sorted(str(p) for p in tmp_path.glob("*_gut.txt"))
+    glob = run(f"prepare.input={tmp_path}/*_gut.txt", "prepare.format=text", f"prepare.output={tmp_path}/g",
+               "tokenizer.vocab_size=300")
+    assert glob.returncode == 0, glob.stderr
+    assert "prepared 3 documents" in glob.stdout and "tokens/s" in glob.stdout
+    listed = run(f"prepare.input=[{','.join(files)}]", f"prepare.output={tmp_path}/l", "tokenizer.vocab_size=300")
+    assert listed.returncode == 0, listed.stderr
+    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert manifest["documents"] == 3 and manifest["tokenizer"]["vocab_size"] <= 300
+    for name in ["manifest.json", "tokenizer.json"] + [s["name"] for s in manifest["shards"]]:
+        assert (tmp_path / "g" / name).read_bytes() == (tmp_path / "l" / name).read_bytes()
+
+
+def test_bad_input_exits_nonzero_naming_the_problem(tmp_path):
+    result = run(f"prepare.input={tmp_path}/none/*.txt", f"prepare.output={tmp_path}/out")
+    assert result.returncode != 0
+    assert f"prepare.input entry '{tmp_path}/none/*.txt' matches no file" in result.stderr
+    assert not (tmp_path / "out").exists()
