@@ -173,28 +173,38 @@ class TokenLoader:
         """Epochs completed by the first (or only) dataset."""
         return self.counts[0] // self.epoch_len[0]
 
-    def _assign(self, n: int) -> list[tuple[int, int]]:
-        """(dataset, sample index within it) for the next n global samples; advances the counters."""
-        out = []
-        for _ in range(n):
-            j = self.samples + 1
-            d = 0 if len(self.counts) == 1 else int(np.argmax(self.weights * j - np.asarray(self.counts)))
-            out.append((d, self.counts[d]))
+    def _assign(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset, sample index within it) of the next n global samples; advances the counters."""
+        if len(self.counts) == 1:
+            picks = np.zeros(n, dtype=np.int64), np.arange(self.counts[0], self.counts[0] + n)
+            self.counts[0] += n
+            self.samples += n
+            return picks
+        datasets, indices = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        for i in range(n):
+            self.samples += 1
+            d = int(np.argmax(self.weights * self.samples - np.asarray(self.counts)))
+            datasets[i], indices[i] = d, self.counts[d]
             self.counts[d] += 1
-            self.samples = j
-        return out
+        return datasets, indices
 
-    def _window(self, d: int, k: int) -> int:
-        epoch, pos = divmod(k, self.epoch_len[d])
-        if not self.shuffle:
-            return pos
-        return int(permute(np.array([pos]), self.windows[d], _key(self.seed, d, epoch))[0])
+    def _windows(self, d: int, k: np.ndarray) -> np.ndarray:
+        """Window indices of dataset d's samples k: position in the epoch, permuted with the epoch's key."""
+        epochs, pos = np.divmod(k, self.epoch_len[d])
+        if self.shuffle:
+            for e in np.unique(epochs):
+                sel = epochs == e
+                pos[sel] = permute(pos[sel], self.windows[d], _key(self.seed, d, int(e)))
+        return pos
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        picks = self._assign(self.mbs * self.dp_size)
-        mine = picks[self.dp_rank * self.mbs:(self.dp_rank + 1) * self.mbs]
-        for row, (d, k) in enumerate(mine):
-            self.streams[d].read(self._window(d, k) * self.seq_len, self._buf[row])
+        datasets, indices = self._assign(self.mbs * self.dp_size)
+        mine = slice(self.dp_rank * self.mbs, (self.dp_rank + 1) * self.mbs)
+        datasets, indices = datasets[mine], indices[mine]
+        for d in np.unique(datasets):
+            rows = np.flatnonzero(datasets == d)
+            for row, w in zip(rows, self._windows(int(d), indices[rows])):
+                self.streams[d].read(int(w) * self.seq_len, self._buf[row])
         tokens = torch.from_numpy(self._buf)
         batch = {"input_ids": tokens[:, :-1].clone(), "labels": tokens[:, 1:].clone()}
         if self.document_mask:
