@@ -156,6 +156,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
             loss = engine(**batch)
             engine.backward(loss)
             timer.stop("fwd_bwd_s")
+            lr = engine.get_lr()[0]  # the rate this step applies (the scheduler advances inside step)
             engine.step()  # DeepSpeed counts micro-batches: the optimizer steps at the boundary only
             timer.stop("optim_s")
             losses += loss.detach()
@@ -171,7 +172,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
             elapsed = time.perf_counter() - window_start
             tps = tokens_per_step * window_steps / elapsed
             achieved = tps / layout.world * flops_per_token
-            row = {"step": step, "loss": last_loss, "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine),
+            row = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": _grad_norm(engine),
                    "tokens": tokens, "tokens_per_s": tps, "tokens_per_s_per_device": tps / layout.world,
                    "tflops_per_device": achieved / 1e12, "mfu": achieved / peak,
                    "step_time_s": elapsed / window_steps, "restart_count": env.restart_count,

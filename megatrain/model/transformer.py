@@ -29,7 +29,6 @@ from megatrain.parallel.layers import (
     gather_sequence,
     make_param,
     scatter_sequence,
-    sequence_parallel_param,
 )
 from megatrain.parallel.mesh import Mesh
 
@@ -130,7 +129,8 @@ class Embedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.tokens(ids)  # this rank's sequence shard under SP
         if self.positions is not None:
-            positions = sequence_parallel_param(self.positions, self.mesh, self.sp)[: ids.shape[1]]
+            positions = self.positions[: ids.shape[1]]
+            # Under SP keep our chunk; the scatter's backward all-gathers, so every rank sees the full grad.
             h = h + (scatter_sequence(positions.unsqueeze(0), self.mesh.tp_group) if self.sp else positions)
         return self.dropout(h)
 

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def _init_wandb(run_dir: Path, mode: str, project: str, entity: str | None, name
 
     # One W&B run per run directory: a resumed job continues the same W&B run.
     id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     os.environ.setdefault("WANDB_SILENT", "true")
     return wandb.init(project=project, entity=entity, name=name or run_dir.name, id=run_id, resume="allow",
