@@ -130,3 +130,8 @@ def test_non_convex_budgets_are_skipped_and_reported() -> None:
     flipped = [Point(p.params, p.tokens, 10 - p.loss, p.budget) if p.budget == 1e19 else p for p in points]
     fit = fit_approach2(flipped)
     assert len(fit.optima) == 2 and "not convex" in fit.skipped[0]
+
+
+def test_a_single_isoflop_budget_cannot_separate_n_and_d_in_approach3() -> None:
+    with pytest.raises(ValueError, match="one line in \\(log N, log D\\)"):
+        fit_approach3(isoflop_points(budgets=(1e19,)))
