@@ -159,9 +159,15 @@ class RunConfig:
 class PlanConfig:
     gpu: str = "H100"
     gpu_memory_gb: float = 80.0
-    num_gpus: Optional[int] = None  # None: tp x pp x dp of the config
+    num_gpus: Optional[int] = None  # the world size; None: tp x pp (one model replica, DP = 1)
     mfu: float = 0.4
     search: bool = False
+    peak_tflops: Optional[float] = None  # None: the datasheet peak of plan.gpu at train.precision
+    overhead_gb: float = 2.0  # per GPU: CUDA context, NCCL communicators, allocator slack
+    intra_node_gbps: float = 400.0  # GB/s per GPU inside a node (NVLink); TP and small DP groups
+    inter_node_gbps: float = 50.0  # GB/s per GPU across nodes (e.g. 400 Gb/s InfiniBand)
+    gpus_per_node: int = 8
+    top: int = 10  # layouts printed by plan.search=true
 
 
 @dataclass

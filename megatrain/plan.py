@@ -1,0 +1,345 @@
+"""What a config costs per GPU before anything runs: parameters, FLOPs, memory, step time.
+
+No process group, no weights: every figure is arithmetic on the config. Parameter and FLOP
+counts come from `megatrain.scaling.flops` (the single source); the memory model follows what
+megatrain's model and DeepSpeed 0.19 actually allocate (measured on CPU, see docs/plan.md):
+
+model states per rank, P = parameters on this TP/PP rank, d = DP size
+    bf16: weights 2P (ZeRO-3: /d), grads 2P (ZeRO-0: full; ZeRO-1/2/3 keep only the averaged
+          partition, /d), fp32 master 4P/d and Adam m, v 8P/d (ZeRO-0: 4P and 8P).
+    fp32: weights 4P (ZeRO-3: /d), grads 4P (/d as above), DeepSpeed's ZeRO optimizers keep
+          a separate fp32 master copy 4P/d; Adam m, v 8P/d. ZeRO-0 is plain AdamW: 4+4+8.
+activations: what autograd saves per token per layer in megatrain's blocks (fp32 norms,
+    SDPA with flash-style saving, so no seq x seq scores), the layout of Korthikanti et al. 2022.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+
+from megatrain.config import Config, ConfigError, ModelConfig, to_config, validate
+from megatrain.scaling.flops import ParamCounts, param_counts, training_flops_per_token
+
+GB = 1e9
+# Dense peak FLOP/s per device by precision, vendors' datasheets (SXM parts).
+PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp32": 91.6e12},
+    "A10": {"bf16": 125e12, "fp32": 31.2e12},
+}
+# DeepSpeed's defaults, which megatrain's DeepSpeed config leaves unchanged.
+REDUCE_BUCKET = 500_000_000  # zero_optimization.reduce_bucket_size (elements)
+CHECKPOINTING = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per GPU (the most loaded rank: first pipeline stage)."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    comm_buffers: float
+    overhead: float
+
+    @property
+    def model_states(self) -> float:
+        return self.weights + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.activations + self.comm_buffers + self.overhead
+
+
+@dataclass(frozen=True)
+class Plan:
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+    sequence_parallel: bool
+    checkpointing: str
+    micro_batch_size: int
+    grad_accum: int
+    params: ParamCounts
+    params_per_rank: int  # parameters held by the largest TP/PP rank before ZeRO partitioning
+    flops_per_token: float  # model FLOPs (6N + attention), recomputation not counted
+    memory: Memory
+    gpu_memory: float  # bytes
+    step_time_s: float
+    tokens_per_s: float
+    mfu: float  # achieved model FLOPs / peak, after bubbles, recomputation and exposed comms
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.gpu_memory
+
+
+# ---------------------------------------------------------------- parameters per rank
+
+
+def _block_and_norm(m: ModelConfig) -> tuple[int, int]:
+    """(parameters of one block, of one norm); derived from flops.param_counts, never recounted."""
+    norm = param_counts(replace(m, n_layers=0)).non_embedding  # the final norm alone
+    return param_counts(replace(m, n_layers=1)).non_embedding - norm, norm
+
+
+def _block_params_per_rank(m: ModelConfig, tp: int) -> int:
+    block, norm = _block_and_norm(m)
+    replicated = 2 * norm + (2 * m.d_model if m.bias else 0)  # norms and row-parallel biases
+    return (block - replicated) // tp + replicated
+
+
+def stage_layers(cfg: Config) -> list[int]:
+    """Blocks per pipeline stage: parallel.pp_split, or as even as possible (first stages get more)."""
+    pp, n = cfg.parallel.pp, cfg.model.n_layers
+    if cfg.parallel.pp_split:
+        if len(cfg.parallel.pp_split) != pp or sum(cfg.parallel.pp_split) != n:
+            raise ConfigError(f"parallel.pp_split={cfg.parallel.pp_split} must have {pp} entries summing to {n}")
+        return list(cfg.parallel.pp_split)
+    return [n // pp + (1 if s < n % pp else 0) for s in range(pp)]
+
+
+def stage_params(cfg: Config) -> list[int]:
+    """Parameters held by one TP rank of each pipeline stage (embedding on the first, head on the last)."""
+    m, tp = cfg.model, cfg.parallel.tp
+    _, norm = _block_and_norm(m)
+    embed = m.vocab_size * m.d_model // tp + (m.max_seq_len * m.d_model if m.position == "learned" else 0)
+    head = norm + (0 if m.tie_embeddings else m.vocab_size * m.d_model // tp)
+    layers = stage_layers(cfg)
+    out = [n * _block_params_per_rank(m, tp) for n in layers]
+    out[0] += embed
+    out[-1] += head
+    if m.tie_embeddings and len(out) > 1:
+        out[-1] += m.vocab_size * m.d_model // tp  # the last stage keeps its own copy of the tied table
+    return out
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _model_states(P: int, dp: int, zero: int, precision: str) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer) bytes for P parameters on one rank."""
+    w = 2 if precision == "bf16" else 4
+    if zero == 0:  # bf16: DeepSpeed's FP16_Optimizer, fp32 master + Adam; fp32: plain AdamW
+        return w * P, w * P, (12 if precision == "bf16" else 8) * P
+    weights = w * P / (dp if zero == 3 else 1)
+    return weights, w * P / dp, 12 * P / dp
+
+
+def layer_activation_bytes(m: ModelConfig, tp: int, sp: bool, precision: str, checkpointing: str) -> float:
+    """Bytes autograd keeps per token for one block (without checkpointing, or with selective)."""
+    a = 2 if precision == "bf16" else 4
+    h = m.d_model
+    r = h / tp if sp else h  # the residual stream: sequence-sharded under SP
+    dq, dkv, f = m.n_heads * m.head_dim / tp, m.kv_heads * m.head_dim / tp, m.ffn_dim / tp
+    # Norm: its fp32 input copy and normalised output (RMSNorm; LayerNorm keeps the input only).
+    norm = (8 if m.norm == "rmsnorm" else 4) * r
+    linear_in = a * h  # the input of q/k/v (and gate/up): the full sequence, gathered under SP
+    sdpa = a * (2 * dq + 2 * dkv) + 4 * m.n_heads / tp  # q, k, v, output, fp32 logsumexp
+    if checkpointing == "selective":
+        sdpa -= a * dq + 4 * m.n_heads / tp  # the attention core is recomputed: its output is not kept
+    attn = norm + linear_in + sdpa
+    mlp = norm + linear_in + (4 if m.activation == "swiglu" else 2) * a * f
+    dropout = 2 * r if m.dropout > 0 else 0  # bool masks of the two residual dropouts
+    return attn + mlp + dropout
+
+
+def activation_bytes(cfg: Config, micro_batch: int, grad_accum: int, checkpointing: str) -> float:
+    """Peak activation bytes on the first pipeline stage (it holds the most micro batches in flight)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    tp, sp, a = p.tp, p.sequence_parallel, (2 if t.precision == "bf16" else 4)
+    tokens = micro_batch * t.seq_len
+    layer = layer_activation_bytes(m, tp, sp, t.precision, checkpointing)
+    layers = stage_layers(cfg)[0]
+    in_flight = min(p.pp, grad_accum)  # 1F1B: stage 0 holds pp micro batches
+    if checkpointing == "full":
+        # Each block keeps its input; backward recomputes one block at a time.
+        kept = layers * in_flight * a * (m.d_model / tp if sp else m.d_model) + layer
+    else:
+        kept = layers * in_flight * layer
+    vocab = m.vocab_size / tp
+    # Head (on the last stage; with pp == 1 the same rank): final norm, fp32 softmax kept for
+    # backward, and at the loss the bf16 logits, their fp32 copy and the shifted logits.
+    head = 0.0
+    if p.pp == 1:
+        r = m.d_model / tp if sp else m.d_model
+        head = (8 if m.norm == "rmsnorm" else 4) * r + a * m.d_model + 4 * vocab
+        head += (a + (4 if a == 2 else 0) + 4) * vocab
+    return tokens * (kept + head)
+
+
+def comm_buffer_bytes(cfg: Config, P: int, block_params: int, zero: int) -> float:
+    """Gradient buckets (ZeRO-1/2/3) and ZeRO-3's gathered parameters."""
+    w = 2 if cfg.train.precision == "bf16" else 4
+    if zero == 0:
+        return 0.0
+    # Gradients sit in reduce buckets (up to reduce_bucket_size elements) until they are reduced;
+    # sized here by the gradients that fill them (DeepSpeed allocates the whole bucket at ZeRO-3).
+    bucket = min(P, REDUCE_BUCKET) * w
+    if zero == 3:
+        bucket += 2 * block_params * w  # the block being computed and the one prefetched
+    return bucket
+
+
+# ---------------------------------------------------------------- time
+
+
+def _peak(cfg: Config) -> float:
+    if cfg.plan.peak_tflops:
+        return cfg.plan.peak_tflops * 1e12
+    if cfg.plan.gpu not in PEAK_FLOPS:
+        raise ConfigError(f"plan.gpu={cfg.plan.gpu!r} has no known peak; choose one of {', '.join(PEAK_FLOPS)} "
+                          "or set plan.peak_tflops")
+    return PEAK_FLOPS[cfg.plan.gpu][cfg.train.precision]
+
+
+def _step_time(cfg: Config, tp: int, pp: int, dp: int, zero: int, micro: int, accum: int, ckpt: str,
+               P: int) -> float:
+    m, t, pl = cfg.model, cfg.train, cfg.plan
+    a = 2 if t.precision == "bf16" else 4
+    world, tokens = tp * pp * dp, micro * accum * dp * t.seq_len
+    model_flops = tokens * training_flops_per_token(m, t.seq_len)
+    recompute = {"none": 0.0, "full": 1 / 3,
+                 "selective": 4 * m.n_layers * t.seq_len * m.n_heads * m.head_dim
+                 / training_flops_per_token(m, t.seq_len)}[ckpt]
+    bubble = (pp - 1) / accum  # 1F1B: (pp - 1) idle micro-batch slots per accum micro batches
+    compute = model_flops * (1 + recompute) / (world * _peak(cfg) * pl.mfu) * (1 + bubble)
+    intra, inter = pl.intra_node_gbps * GB, pl.inter_node_gbps * GB
+    # TP: 4 all-reduces (or all-gather + reduce-scatter) of [micro, seq, d] per block per micro
+    # batch, on the critical path; +2 when blocks are recomputed.
+    ops = 4 + (2 if ckpt == "full" else 0)
+    tp_bytes = ops * (m.n_layers / pp) * accum * micro * t.seq_len * m.d_model * a
+    tp_time = 2 * (tp - 1) / tp * tp_bytes / intra if tp > 1 else 0.0
+    # DP: gradient reduction (+ parameter gathers at ZeRO-3, every micro batch), overlapped with backward.
+    g = (dp - 1) / dp
+    dp_bytes = {0: 2 * g * a * P, 1: 2 * g * a * P, 2: g * a * P * (accum + 1), 3: 3 * g * a * P * accum}[zero]
+    dp_bw = inter if tp * dp > pl.gpus_per_node else intra
+    exposed = max(0.0, dp_bytes / dp_bw - compute * 2 / 3) if dp > 1 else 0.0
+    return compute + tp_time + exposed
+
+
+# ---------------------------------------------------------------- plans
+
+
+def plan(cfg: Config, world_size: int | None = None) -> Plan:
+    """The plan of `cfg` as configured, on `world_size` ranks (default: plan.num_gpus or tp x pp)."""
+    cfg = to_config(cfg)
+    p, t = cfg.parallel, cfg.train
+    world = world_size or cfg.plan.num_gpus or p.tp * p.pp
+    layout = validate(cfg, world)
+    stages = stage_params(cfg)
+    P = max(stages)
+    weights, grads, optim = _model_states(P, layout.dp, p.zero_stage, t.precision)
+    block = _block_params_per_rank(cfg.model, p.tp)
+    memory = Memory(weights=weights, gradients=grads, optimizer=optim,
+                    activations=activation_bytes(cfg, layout.micro_batch_size, layout.grad_accum,
+                                                 t.activation_checkpointing),
+                    comm_buffers=comm_buffer_bytes(cfg, P, block, p.zero_stage),
+                    overhead=cfg.plan.overhead_gb * GB)
+    step = _step_time(cfg, p.tp, p.pp, layout.dp, p.zero_stage, layout.micro_batch_size, layout.grad_accum,
+                      t.activation_checkpointing, P)
+    tokens_per_step = layout.global_batch_size * t.seq_len
+    flops = training_flops_per_token(cfg.model, t.seq_len)
+    return Plan(tp=p.tp, pp=p.pp, dp=layout.dp, zero_stage=p.zero_stage, sequence_parallel=p.sequence_parallel,
+                checkpointing=t.activation_checkpointing, micro_batch_size=layout.micro_batch_size,
+                grad_accum=layout.grad_accum, params=param_counts(cfg.model), params_per_rank=P,
+                flops_per_token=flops, memory=memory, gpu_memory=cfg.plan.gpu_memory_gb * GB,
+                step_time_s=step, tokens_per_s=tokens_per_step / step,
+                mfu=tokens_per_step * flops / (step * world * _peak(cfg)))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def search(cfg: Config, num_gpus: int | None = None) -> list[Plan]:
+    """Every layout that fits on `num_gpus` devices, best estimated tokens/s first.
+
+    The global batch stays fixed: train.global_batch_size, else train.micro_batch_size x num_gpus.
+    Sequence parallelism is on whenever TP > 1 (same traffic, less activation memory).
+    """
+    cfg = to_config(cfg)
+    n = num_gpus or cfg.plan.num_gpus or cfg.parallel.tp * cfg.parallel.pp
+    global_batch = cfg.train.global_batch_size or cfg.train.micro_batch_size * n
+    found = []
+    for tp in _divisors(n):
+        if tp > cfg.plan.gpus_per_node:
+            continue  # TP traffic needs the intra-node links
+        for pp in _divisors(n // tp):
+            dp = n // (tp * pp)
+            for zero, ckpt, micro in itertools.product((0, 1, 2, 3), CHECKPOINTING, (1, 2, 4, 8, 16)):
+                if global_batch % (micro * dp):
+                    continue
+                candidate = replace(
+                    cfg, parallel=replace(cfg.parallel, tp=tp, pp=pp, zero_stage=zero, sequence_parallel=tp > 1,
+                                          pp_split=None),
+                    train=replace(cfg.train, micro_batch_size=micro, global_batch_size=global_batch,
+                                  activation_checkpointing=ckpt))
+                try:
+                    p = plan(candidate, n)
+                except ConfigError:
+                    continue  # e.g. heads not divisible by tp, ZeRO-2/3 with pp > 1
+                if p.fits:
+                    found.append(p)
+    return sorted(found, key=lambda p: (-p.tokens_per_s, p.memory.total))
+
+
+# ---------------------------------------------------------------- text
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:8.2f} GB"
+
+
+def _layout(p: Plan) -> str:
+    sp = " sp" if p.sequence_parallel else ""
+    return (f"tp={p.tp}{sp} pp={p.pp} dp={p.dp} zero={p.zero_stage} ckpt={p.checkpointing} "
+            f"micro={p.micro_batch_size} x accum={p.grad_accum}")
+
+
+def describe(p: Plan, cfg: Config) -> str:
+    """The plan as the text `python -m launcher.plan` prints."""
+    cfg = to_config(cfg)
+    m, t, mem = cfg.model, cfg.train, p.memory
+    per_stage = ", ".join(f"{n:,}" for n in stage_params(replace(
+        cfg, parallel=replace(cfg.parallel, tp=p.tp, pp=p.pp))))
+    lines = [
+        f"model {m.name}: {p.params.total:,} parameters ({p.params.non_embedding:,} non-embedding)",
+        f"layout: {_layout(p)} on {p.world} x {cfg.plan.gpu} ({cfg.plan.gpu_memory_gb:g} GB), {t.precision}, "
+        f"seq {t.seq_len}, global batch {p.micro_batch_size * p.grad_accum * p.dp}",
+        f"parameters per TP rank of each pipeline stage: {per_stage}",
+        f"training FLOPs per token: {p.flops_per_token:.4g}",
+        "memory per GPU (first pipeline stage):",
+        f"  weights          {_gb(mem.weights)}",
+        f"  gradients        {_gb(mem.gradients)}",
+        f"  optimizer states {_gb(mem.optimizer)}",
+        f"  activations      {_gb(mem.activations)}",
+        f"  comm buffers     {_gb(mem.comm_buffers)}",
+        f"  overhead         {_gb(mem.overhead)}",
+        f"  total            {_gb(mem.total)} of {cfg.plan.gpu_memory_gb:g} GB: "
+        + ("fits" if p.fits else "DOES NOT FIT"),
+        f"estimated step time {p.step_time_s:.3g} s, {p.tokens_per_s:,.0f} tokens/s "
+        f"({p.tokens_per_s / p.world:,.0f} per GPU) at {cfg.plan.mfu:.0%} compute MFU "
+        f"(overall MFU {p.mfu:.1%} after bubbles, recomputation and exposed communication)",
+    ]
+    return "\n".join(lines)
+
+
+def describe_search(plans: list[Plan], cfg: Config, top: int) -> str:
+    cfg = to_config(cfg)
+    if not plans:
+        return f"no layout of {cfg.model.name} fits on these GPUs ({cfg.plan.gpu_memory_gb:g} GB each)"
+    head = f"{'#':>3} {'layout':<62} {'memory':>9} {'tokens/s':>11} {'MFU':>6}"
+    rows = [f"{i + 1:>3} {_layout(p):<62} {p.memory.total / GB:7.1f}GB {p.tokens_per_s:11,.0f} {p.mfu:6.1%}"
+            for i, p in enumerate(plans[:top])]
+    return "\n".join([f"{len(plans)} layouts of {cfg.model.name} fit on {plans[0].world} x {cfg.plan.gpu} "
+                      f"({cfg.plan.gpu_memory_gb:g} GB); best estimated throughput first:", head, *rows])
