@@ -146,7 +146,9 @@ def layer_activation_bytes(m: ModelConfig, tp: int, sp: bool, precision: str, ch
     linear_in = a * h  # the input of q/k/v (and gate/up): the full sequence, gathered under SP
     sdpa = a * (2 * dq + 2 * dkv) + 4 * m.n_heads / tp  # q, k, v, output, fp32 logsumexp
     if checkpointing == "selective":
-        sdpa -= a * dq + 4 * m.n_heads / tp  # the attention core is recomputed: its output is not kept
+        # Only the logsumexp goes: SDPA's output is o's saved input and q, k, v are saved anyway,
+        # and SDPA never materialises the seq x seq scores that selective recomputation targets.
+        sdpa -= 4 * m.n_heads / tp
     attn = norm + linear_in + sdpa
     mlp = norm + linear_in + (4 if m.activation == "swiglu" else 2) * a * f
     dropout = 2 * r if m.dropout > 0 else 0  # bool masks of the two residual dropouts
@@ -166,15 +168,17 @@ def activation_bytes(cfg: Config, micro_batch: int, grad_accum: int, checkpointi
         kept = layers * in_flight * a * (m.d_model / tp if sp else m.d_model) + layer
     else:
         kept = layers * in_flight * layer
-    vocab = m.vocab_size / tp
-    # Head (on the last stage; with pp == 1 the same rank): final norm, fp32 softmax kept for
-    # backward, and at the loss the bf16 logits, their fp32 copy and the shifted logits.
-    head = 0.0
-    if p.pp == 1:
-        r = m.d_model / tp if sp else m.d_model
-        head = (8 if m.norm == "rmsnorm" else 4) * r + a * m.d_model + 4 * vocab
-        head += (a + (4 if a == 2 else 0) + 4) * vocab
+    head = sum(head_activation_bytes(m, tp, sp, t.precision)) if p.pp == 1 else 0.0  # else on the last stage
     return tokens * (kept + head)
+
+
+def head_activation_bytes(m: ModelConfig, tp: int, sp: bool, precision: str) -> tuple[float, float]:
+    """(kept for backward, transient at the loss) bytes per token of the final norm, LM head and loss."""
+    a = 2 if precision == "bf16" else 4
+    r, vocab = (m.d_model / tp if sp else m.d_model), m.vocab_size / tp
+    kept = (8 if m.norm == "rmsnorm" else 4) * r + a * m.d_model + 4 * vocab  # norm, head input, fp32 softmax
+    # While the loss runs: the logits, their fp32 copy (bf16 only) and the shifted logits.
+    return kept, (a + (4 if a == 2 else 0) + 4) * vocab
 
 
 def comm_buffer_bytes(cfg: Config, P: int, block_params: int, zero: int) -> float:

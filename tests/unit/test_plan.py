@@ -1,0 +1,166 @@
+"""The planner: parameter placement, model-state bytes, activations as autograd keeps them, search, CLI."""
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from launcher.common import CONF_DIR
+from megatrain.config import Config, ModelConfig, register_configs, to_config
+from megatrain.model.init import init_parameter
+from megatrain.model.transformer import Transformer
+from megatrain.parallel.mesh import Mesh
+from megatrain.plan import (
+    GB,
+    head_activation_bytes,
+    layer_activation_bytes,
+    plan,
+    search,
+    stage_params,
+)
+from megatrain.scaling.flops import param_counts
+
+LLAMA = ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128)
+GPT2 = replace(LLAMA, norm="layernorm", position="learned", activation="gelu", bias=True, tie_embeddings=True)
+
+
+def preset(name: str, *overrides: str) -> Config:
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return to_config(compose("config", overrides=[f"model={name}", *overrides]))
+
+
+def _config(model: ModelConfig, **sections) -> Config:
+    cfg = Config(model=model)
+    for section, values in sections.items():
+        cfg = replace(cfg, **{section: replace(getattr(cfg, section), **values)})
+    return cfg
+
+
+@pytest.mark.parametrize("model", [LLAMA, GPT2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_parameters_per_tp_rank_are_those_the_model_builds(model, tp):
+    built = Transformer(model, Mesh(tp=tp))  # shapes only: no collective runs at construction
+    assert stage_params(_config(model, parallel=dict(tp=tp))) == [sum(p.numel() for p in built.parameters())]
+
+
+def test_pipeline_stages_split_blocks_and_put_embedding_first_and_head_last():
+    cfg = preset("llama-7b", "parallel.pp=4")
+    per_stage = stage_params(cfg)
+    counts = param_counts(cfg.model)
+    assert sum(per_stage) == counts.total
+    block = (counts.non_embedding - cfg.model.d_model) // cfg.model.n_layers
+    assert per_stage[1] == per_stage[2] == 8 * block
+    assert per_stage[0] - per_stage[1] == cfg.model.vocab_size * cfg.model.d_model
+
+
+@pytest.mark.parametrize(("precision", "zero", "dp", "bytes_per_param"), [
+    ("bf16", 0, 4, 16),  # ZeRO paper: 2 + 2 + 12 bytes per parameter
+    ("bf16", 1, 4, 2 + (2 + 12) / 4),  # DeepSpeed keeps only the averaged gradient partition
+    ("bf16", 2, 4, 2 + (2 + 12) / 4),
+    ("bf16", 3, 4, 16 / 4),
+    ("fp32", 0, 4, 16),  # plain AdamW: weights, grads, m, v
+    ("fp32", 1, 4, 4 + (4 + 4 + 8) / 4),  # DeepSpeed's ZeRO keeps an fp32 master copy anyway
+    ("fp32", 3, 2, 20 / 2),
+])
+def test_model_state_bytes_follow_zero_stage_and_precision(precision, zero, dp, bytes_per_param):
+    cfg = preset("llama-7b", f"parallel.zero_stage={zero}", f"train.precision={precision}", f"plan.num_gpus={dp}")
+    p = plan(cfg)
+    assert p.memory.model_states == pytest.approx(bytes_per_param * p.params.total)
+
+
+def _saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of the distinct tensors autograd saves for backward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids[:, :-1], ids[:, 1:])
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("model", [LLAMA, GPT2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
+def test_activation_bytes_are_what_autograd_keeps(model, precision, checkpointing):
+    torch.manual_seed(0)
+    built = Transformer(model, Mesh.single(), checkpointing=checkpointing)
+    for name, p in built.named_parameters():
+        init_parameter(p, name, 0, Mesh.single())
+    if precision == "bf16":
+        built = built.bfloat16()
+    micro, seq = 2, 64
+    measured = _saved_activation_bytes(built, torch.randint(0, model.vocab_size, (micro, seq + 1)))
+    if checkpointing == "full":
+        per_layer = (2 if precision == "bf16" else 4) * model.d_model  # the block input only
+    else:
+        per_layer = layer_activation_bytes(model, 1, False, precision, checkpointing)
+    planned = micro * seq * (model.n_layers * per_layer + head_activation_bytes(model, 1, False, precision)[0])
+    assert planned == pytest.approx(measured, rel=0.05)
+
+
+def test_sequence_parallel_and_checkpointing_shrink_activations():
+    act = {}
+    for name, extra in {"tp": [], "sp": ["parallel.sequence_parallel=true"],
+                        "full": ["train.activation_checkpointing=full"]}.items():
+        act[name] = plan(preset("llama-7b", "parallel.tp=4", "plan.num_gpus=4", "train.seq_len=4096",
+                                "train.micro_batch_size=1", *extra)).memory.activations
+    assert act["sp"] < act["tp"] and act["full"] < act["sp"]
+
+
+def test_7b_does_not_fit_one_80gb_gpu_without_sharding_but_fits_eight_with_zero3():
+    single = plan(preset("llama-7b", "train.seq_len=4096", "train.micro_batch_size=1"))
+    assert single.memory.model_states / GB == pytest.approx(16 * 6.738e9 / GB, rel=1e-3)
+    assert not single.fits
+    sharded = plan(preset("llama-7b", "train.seq_len=4096", "train.micro_batch_size=1", "plan.num_gpus=8",
+                          "parallel.zero_stage=3", "train.activation_checkpointing=full"))
+    assert sharded.fits
+
+
+def test_pipeline_bubble_and_lower_mfu_lengthen_the_step():
+    flat = plan(preset("llama-7b", "plan.num_gpus=8", "train.global_batch_size=64", "train.micro_batch_size=1"))
+    piped = plan(preset("llama-7b", "plan.num_gpus=8", "train.global_batch_size=64", "train.micro_batch_size=1",
+                        "parallel.pp=8"))
+    slow = plan(preset("llama-7b", "plan.num_gpus=8", "train.global_batch_size=64", "train.micro_batch_size=1",
+                       "plan.mfu=0.2"))
+    assert piped.step_time_s > flat.step_time_s
+    assert slow.step_time_s == pytest.approx(2 * flat.step_time_s, rel=0.05)
+
+
+def test_search_ranks_only_fitting_layouts_best_throughput_first():
+    cfg = preset("llama-13b", "train.seq_len=4096", "train.global_batch_size=64", "plan.gpu_memory_gb=40")
+    plans = search(cfg, 8)
+    assert plans, "a 13B model fits on 8 x 40 GB with sharding"
+    assert all(p.fits and p.world == 8 for p in plans)
+    rates = [p.tokens_per_s for p in plans]
+    assert rates == sorted(rates, reverse=True)
+    assert {p.zero_stage for p in plans} != {0}  # unsharded 13B states (208 GB) cannot fit
+    assert search(preset("llama-70b", "train.seq_len=4096"), 1) == []
+
+
+def _cli(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher.plan", *overrides], capture_output=True, text=True)
+
+
+def test_cli_prints_the_breakdown_and_the_verdict():
+    out = _cli("model=llama-7b", "plan.num_gpus=8", "parallel.zero_stage=3", "train.seq_len=4096",
+               "train.micro_batch_size=1")
+    assert out.returncode == 0, out.stderr
+    for word in ("6,738,415,616 parameters", "non-embedding", "FLOPs per token", "weights", "gradients",
+                 "optimizer states", "activations", "comm buffers", "overhead", "tokens/s", "fits"):
+        assert word in out.stdout
+
+
+def test_cli_explains_an_impossible_layout():
+    out = _cli("model=llama-7b", "parallel.pp=2", "parallel.zero_stage=3")
+    assert out.returncode != 0
+    assert "parallel.zero_stage=3 with parallel.pp=2" in out.stderr
