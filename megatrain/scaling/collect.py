@@ -79,7 +79,9 @@ def read_run_dir(run: Path, params: str = "non_embedding", loss: str = "eval") -
         return _from_metrics(run, params, loss)
     summary = json.loads((run / "summary.json").read_text())
     loss_key = LOSS_KEYS[loss][0]
-    missing = [k for k in (PARAM_KEYS[params], "tokens", loss_key) if summary.get(k) is None]
+    # The trainer writes NaN for an eval loss it never computed (train.eval_interval=0).
+    missing = [k for k in (PARAM_KEYS[params], "tokens", loss_key)
+               if summary.get(k) is None or summary[k] != summary[k]]
     if missing:
         hint = "; set fit.loss=train or run with eval" if loss_key in missing else ""
         raise ValueError(f"{run}/summary.json lacks {', '.join(missing)}{hint}")

@@ -136,12 +136,14 @@ def multirun_command(points: list[SweepPoint], sweep_dir: Path, overrides: list[
         if key.startswith("hydra") and not key.startswith(LAUNCHER_KEYS) or key.startswith(POINT_KEYS):
             continue
         forwarded.append(o)
+    # The point comes last: appended config groups merge in command-line order, so a forwarded
+    # `+sweep=<preset>` cannot override a point's shape or steps.
     return [sys.executable, "-m", "launcher.train", "--multirun",
             f"hydra.searchpath=[file://{sweep_dir / 'conf'}]",
-            f"+{GROUP}=" + ",".join(p.name for p in points),
             f"hydra.sweep.dir={sweep_dir / 'hydra'}",
             f"+hydra.callbacks.scaling_refit._target_={CALLBACK}",
-            *forwarded]
+            *forwarded,
+            f"+{GROUP}=" + ",".join(p.name for p in points)]
 
 
 def write_sweep(cfg: Config, points: list[SweepPoint], overrides: list[str]) -> list[str]:

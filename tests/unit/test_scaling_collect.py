@@ -29,7 +29,7 @@ def make_run(path: Path, loss: float = 3.0, summary: bool = True, steps_done: in
         counts = param_counts(ModelConfig(**MODEL))
         (path / "summary.json").write_text(json.dumps({
             "params_total": counts.total, "params_non_embedding": counts.non_embedding, "tokens": 2560,
-            "flops": 1.0, "final_loss": loss + 0.1, "final_eval_loss": loss if evals else None}))
+            "flops": 1.0, "final_loss": loss + 0.1, "final_eval_loss": loss if evals else float("nan")}))
     return path
 
 

@@ -70,7 +70,7 @@ def test_written_points_compose_into_valid_training_configs(tmp_path: Path) -> N
     register_configs()
     p = points[-1]
     with initialize_config_dir(CONF_DIR, version_base=None):
-        composed = to_config(compose("config", overrides=[argv[4], f"+scaling_point={p.name}", "model=tiny"]))
+        composed = to_config(compose("config", overrides=[argv[4], "model=tiny", f"+scaling_point={p.name}"]))
     assert (composed.model.d_model, composed.model.n_layers, composed.train.steps) == (
         p.model.d_model, p.model.n_layers, p.steps)
     assert composed.sweep.budget == p.budget
