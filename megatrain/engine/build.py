@@ -14,7 +14,7 @@ from megatrain.config import Config, Layout
 from megatrain.engine.deepspeed_config import deepspeed_config
 from megatrain.engine.dist_env import DistEnv
 from megatrain.engine.schedule import build_scheduler
-from megatrain.model.init import init_parameter
+from megatrain.model.init import canonical_parameters, init_parameter
 from megatrain.model.transformer import Transformer
 from megatrain.parallel.mesh import Mesh
 
@@ -56,7 +56,7 @@ def build_model(cfg: Config, mesh: Mesh, ds_config: dict[str, Any]) -> Transform
     with deepspeed.zero.Init(data_parallel_group=mesh.dp_group, mpu=mesh, config_dict_or_path=ds_config,
                              enabled=zero3):
         model = Transformer(cfg.model, mesh, cfg.parallel.sequence_parallel, cfg.train.activation_checkpointing)
-    for name, p in model.named_parameters():
+    for name, p in canonical_parameters(model):
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3):
             init_parameter(p, name, cfg.train.seed, mesh)
     return model

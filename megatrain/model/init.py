@@ -8,6 +8,7 @@ weights. Output projections get GPT-2/Megatron's scaled std (set by the layers i
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 
 import torch
 
@@ -37,3 +38,14 @@ def init_parameter(p: torch.Tensor, name: str, seed: int, mesh: Mesh) -> None:
         p.copy_(full)
     else:
         raise ValueError(f"unknown init {p.init!r} for parameter {name}")
+
+
+def canonical_parameters(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(layout-independent name, parameter) pairs: names as in the single-process `Transformer`.
+
+    A pipeline stage names its parameters by layer index; it defines `canonical_name()` to map
+    them back, so init, checkpoints and export see the same name in every layout.
+    """
+    rename = getattr(module, "canonical_name", None)
+    for name, p in module.named_parameters():
+        yield (rename(name) if rename else name), p
