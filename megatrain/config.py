@@ -194,7 +194,7 @@ class SweepConfig:
     aspect: float = 64.0  # d_model / n_layers of the shape rule
     min_tokens_per_param: float = 1.0  # points below (too few tokens) or above the max are dropped
     max_tokens_per_param: float = 1000.0
-    dir: str = "sweeps/isoflop"
+    dir: str = "runs/sweep"  # point configs, runs/<point>, fit/ and command.sh go here
     launch: bool = False  # run the multirun now instead of only writing its command
     budget: Optional[float] = None  # set on each run of a sweep: the budget it belongs to
 
