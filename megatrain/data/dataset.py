@@ -17,13 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
 from megatrain.config import Config
 from megatrain.data.errors import DataError
 from megatrain.data.shards import Stream, check_tokenizer_file, open_split, read_manifest, verify_checksums
-from megatrain.data.tokenizer import load_tokenizer as _load_tokenizer
-from megatrain.data.tokenizer import special_ids, tokenizer_hash
+from megatrain.data.tokenizer import load_tokenizer, special_ids, tokenizer_hash  # load_tokenizer: public API
 
 _MASK64 = (1 << 64) - 1
 
@@ -36,11 +34,6 @@ class DataInfo:
     tokenizer_sha256: str
     train_tokens: int  # over all blended datasets, after the validation carve
     valid_tokens: int
-
-
-def load_tokenizer(path: str) -> Tokenizer:
-    """The tokenizer of a prepared data dir, or a tokenizer.json / vocab.json+merges.txt."""
-    return _load_tokenizer(path)
 
 
 def parse_blend(cfg: Config) -> list[tuple[str, float]]:
