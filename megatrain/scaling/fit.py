@@ -289,8 +289,9 @@ def fit_approach3(points: Sequence[Point], delta: float = 1e-3, starts: int = 32
             if best is None or res.fun < best.fun:
                 best = res
     a, b, e, alpha, beta = best.x
-    return ParametricFit(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)),
-                         alpha=float(alpha), beta=float(beta), objective=float(best.fun))
+    with np.errstate(over="ignore"):  # an unconstrained resample may run to A = inf: left out of CIs
+        return ParametricFit(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)),
+                             alpha=float(alpha), beta=float(beta), objective=float(best.fun))
 
 
 def theta(fit: ParametricFit) -> np.ndarray:
