@@ -290,6 +290,10 @@ def validate(cfg: Config, world_size: int) -> Layout:
                           "sharded over DP) or parallel.pp=1 for ZeRO-2/3")
     if p.pp > m.n_layers:
         raise ConfigError(f"parallel.pp={p.pp} exceeds model.n_layers={m.n_layers}; each stage needs a block")
+    if p.pp_split is not None and (len(p.pp_split) != p.pp or sum(p.pp_split) != m.n_layers
+                                   or min(p.pp_split) < 1):
+        raise ConfigError(f"parallel.pp_split={list(p.pp_split)} must list parallel.pp={p.pp} block counts, "
+                          f"each >= 1, summing to model.n_layers={m.n_layers}")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
     if p.sequence_parallel and t.seq_len % p.tp:

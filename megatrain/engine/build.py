@@ -46,10 +46,17 @@ def init_distributed(device: torch.device) -> None:
                                    auto_mpi_discovery=False, verbose=False)
 
 
-def build_model(cfg: Config, mesh: Mesh, ds_config: dict[str, Any]) -> Transformer:
-    """The model, partitioned over the DP group from birth when ZeRO-3 is on."""
+def build_model(cfg: Config, mesh: Mesh, ds_config: dict[str, Any]) -> torch.nn.Module:
+    """The model (this rank's pipeline stage under PP), partitioned over DP from birth under ZeRO-3."""
     import deepspeed
 
+    if cfg.parallel.pp > 1:
+        from megatrain.parallel.pipeline import TransformerPipe
+
+        model = TransformerPipe(cfg, mesh)
+        for name, p in canonical_parameters(model):
+            init_parameter(p, name, cfg.train.seed, mesh)
+        return model
     zero3 = cfg.parallel.zero_stage == 3
     # zero.Init ignores `mpu` and would partition over the whole world, mixing TP shards:
     # the DP group must be named explicitly.
@@ -80,6 +87,8 @@ def build_engine(cfg: Config, layout: Layout, mesh: Mesh, device: torch.device):
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                   eps=o.eps, fused=True)
     scheduler = build_scheduler(optimizer, o, cfg.train.steps)
+    # A pipeline module brings its own process grid; otherwise DeepSpeed learns DP and TP from the mesh.
+    mpu = None if cfg.parallel.pp > 1 else mesh
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, mpu=mesh, dist_init_required=False)
+                                           config=ds_config, mpu=mpu, dist_init_required=False)
     return engine, ds_config

@@ -16,7 +16,7 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict[str, Any]:
         # Small tensors (norms, biases) stay whole on every rank: gathering them costs more than it saves.
         zero.update(stage3_param_persistence_threshold=10 * cfg.model.d_model,
                     stage3_gather_16bit_weights_on_model_save=False)
-    return {
+    config: dict[str, Any] = {
         "train_batch_size": layout.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum,
@@ -28,3 +28,9 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": False},
     }
+    if cfg.parallel.pp > 1:
+        # DeepSpeed sends 1/tp of each activation between stages and all-gathers it, assuming TP ranks
+        # hold identical activations; with sequence parallelism each holds its own shard.
+        replicated = not cfg.parallel.sequence_parallel
+        config["pipeline"] = {"pipe_partitioned": replicated, "grad_partitioned": replicated}
+    return config

@@ -20,9 +20,11 @@ from megatrain.data.dataset import build_loader, check_data, load_tokenizer
 from megatrain.engine.build import build_engine, init_distributed, pick_device
 from megatrain.engine.checkpoint import Checkpointer
 from megatrain.engine.dist_env import export_dist_env, resolve_dist_env
+from megatrain.engine.step import eval_loss, train_step
 from megatrain.observe.logger import MetricsLogger, setup_console_logging
 from megatrain.observe.meters import StepTimer, memory_stats, peak_flops
 from megatrain.parallel.mesh import Mesh
+from megatrain.parallel.pipeline import bubble_fraction
 from megatrain.scaling.flops import param_counts, training_flops_per_token
 
 log = logging.getLogger("megatrain")
@@ -72,27 +74,11 @@ def _drop_rows_after(metrics: Path, step: int) -> None:
     metrics.write_text("".join(r + "\n" for r in rows))
 
 
-def _mean_over(value: torch.Tensor, group: dist.ProcessGroup | None) -> float:
-    value = value.detach().float().clone()
-    dist.all_reduce(value, group=group)
-    return value.item() / dist.get_world_size(group)
-
-
 def evaluate(engine, cfg: Config, layout: Layout, mesh: Mesh, device: torch.device) -> float:
-    """Mean loss over `train.eval_steps` batches of the validation split (same batches every time)."""
+    """Eval loss on `train.eval_steps` batches of the validation split (the same batches every time)."""
     loader = build_loader(cfg, split="valid", seq_len=cfg.train.seq_len, micro_batch_size=layout.micro_batch_size,
                           dp_rank=mesh.dp_rank, dp_size=mesh.dp, seed=cfg.train.seed)
-    engine.eval()
-    total = torch.zeros((), device=device)
-    with torch.no_grad():
-        for _ in range(cfg.train.eval_steps):
-            total += engine(**_to(loader.next_batch(), device))
-    engine.train()
-    return _mean_over(total / cfg.train.eval_steps, mesh.dp_group)
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return eval_loss(engine, loader.next_batch, cfg.train.eval_steps, device, mesh.dp_group)
 
 
 def train(cfg: Config, raw: dict[str, Any]) -> int:
@@ -123,6 +109,11 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
             _drop_rows_after(run_dir / "metrics.jsonl", step)
         log.info("resumed from %s at step %d (%d tokens)", resume_from, step, tokens)
 
+    if layout.pp > 1:
+        bubble = bubble_fraction(layout.pp, layout.grad_accum)
+        log.log(logging.WARNING if layout.grad_accum < 2 * layout.pp else logging.INFO,
+                "pipeline: %d stages, %d micro-batches per step -> %.0f%% of each step idle (1F1B bubble); "
+                "raise train.global_batch_size for more micro-batches", layout.pp, layout.grad_accum, 100 * bubble)
     counts = param_counts(cfg.model)
     flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
     peak, peak_source = peak_flops(device, cfg.train.precision)
@@ -148,22 +139,10 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
 
     exit_code = 0
     while step < cfg.train.steps:
-        losses = torch.zeros((), device=device)
-        timer.start()
-        for _ in range(layout.grad_accum):
-            batch = _to(loader.next_batch(), device)
-            timer.stop("data_s")
-            loss = engine(**batch)
-            engine.backward(loss)
-            timer.stop("fwd_bwd_s")
-            lr = engine.get_lr()[0]  # the rate this step applies (the scheduler advances inside step)
-            engine.step()  # DeepSpeed counts micro-batches: the optimizer steps at the boundary only
-            timer.stop("optim_s")
-            losses += loss.detach()
+        last_loss, lr = train_step(engine, loader.next_batch, layout.grad_accum, device, mesh.dp_group, timer)
         step += 1
         tokens += tokens_per_step
         window_steps += 1
-        last_loss = _mean_over(losses / layout.grad_accum, mesh.dp_group)
         if not math.isfinite(last_loss):
             raise FloatingPointError(f"loss is {last_loss} at step {step}; lower optim.lr or check the data")
 
@@ -194,7 +173,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
             save()
 
     if exit_code == 0:
-        if cfg.train.sample_tokens > 0:
+        if cfg.train.sample_tokens > 0 and layout.pp == 1:  # sampling through pipeline stages: not yet
             _print_sample(engine, cfg, data.tokenizer_path, device, env.rank)
         summary = {"params_total": counts.total, "params_non_embedding": counts.non_embedding,
                    "tokens": tokens, "flops": tokens * flops_per_token, "steps": step,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -30,27 +32,24 @@ def make_config(model: dict | None = None, **sections) -> Config:
 def engine_losses(rank: int, cfg: Config, steps: int) -> list[float]:
     """Train `steps` steps through DeepSpeed on synthetic data; the global-batch loss per step."""
     from megatrain.engine.build import build_engine, init_distributed
+    from megatrain.engine.step import train_step
 
-    world = dist.get_world_size() if dist.is_initialized() else int(__import__("os").environ["WORLD_SIZE"])
-    layout = validate(cfg, world)
+    layout = validate(cfg, int(os.environ["WORLD_SIZE"]))
     device = torch.device("cpu")
     init_distributed(device)
     mesh = Mesh.build(cfg.parallel.tp, cfg.parallel.pp)
     engine, _ = build_engine(cfg, layout, mesh, device)
     data = synthetic_batches(steps, layout.global_batch_size, cfg.train.seq_len, cfg.model.vocab_size)
-    losses = []
     per_rank = layout.micro_batch_size * layout.grad_accum
+    losses = []
     for step in range(steps):
-        mine = data[step, mesh.dp_rank * per_rank:(mesh.dp_rank + 1) * per_rank]
-        total = torch.zeros(())
-        for micro in mine.split(layout.micro_batch_size):
-            loss = engine(micro[:, :-1], micro[:, 1:])
-            engine.backward(loss)
-            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            total += loss.detach()
-        total /= layout.grad_accum
-        dist.all_reduce(total, group=mesh.dp_group)
-        losses.append(total.item() / mesh.dp)
+        mine = iter(data[step, mesh.dp_rank * per_rank:(mesh.dp_rank + 1) * per_rank].split(layout.micro_batch_size))
+
+        def next_batch(mine=mine) -> dict:
+            micro = next(mine)
+            return {"input_ids": micro[:, :-1], "labels": micro[:, 1:]}
+
+        losses.append(train_step(engine, next_batch, layout.grad_accum, device, mesh.dp_group)[0])
     return losses
 
 

@@ -1,0 +1,59 @@
+"""Pipeline parallelism (DeepSpeed 1F1B) computes what one process computes, alone and with TP / DP."""
+
+import pytest
+
+from megatrain.config import ConfigError, validate
+from megatrain.parallel.pipeline import bubble_fraction, stage_boundaries
+from tests.distributed.harness import run_ranks
+from tests.distributed.test_parallel_equivalence import GPT2_STYLE
+from tests.distributed.workloads import TINY, engine_losses, make_config
+
+
+def _cfg(model=TINY, checkpointing="none", **parallel):
+    return make_config(model, train=dict(precision="fp32", micro_batch_size=2, global_batch_size=8, seq_len=32,
+                                         activation_checkpointing=checkpointing), parallel=parallel)
+
+
+def test_balanced_split_gives_the_lm_head_stage_fewer_blocks():
+    cfg = make_config(dict(TINY, n_layers=8, vocab_size=32768), parallel=dict(pp=2))
+    bounds = stage_boundaries(cfg)
+    assert bounds[0] == 0 and bounds[-1] == 8
+    assert bounds[1] - bounds[0] > bounds[2] - bounds[1]  # the head costs several blocks
+    cfg.parallel.pp_split = [3, 5]
+    assert stage_boundaries(cfg) == [0, 3, 8]
+
+
+@pytest.mark.parametrize("parallel, message", [
+    (dict(pp=2, zero_stage=3), "DeepSpeed's pipeline engine supports ZeRO-0/1 only; choose parallel.zero_stage=1"),
+    (dict(pp=2, pp_split=[1, 2]), "parallel.pp_split=[1, 2] must list parallel.pp=2 block counts"),
+    (dict(pp=4), "parallel.pp=4 exceeds model.n_layers=2"),
+])
+def test_invalid_pipeline_layouts_fail_at_config_time(parallel, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        validate(_cfg(**parallel), world_size=4)
+
+
+def test_bubble_fraction_of_1f1b():
+    assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
+    assert bubble_fraction(2, 32) == pytest.approx(1 / 33)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return {name: run_ranks(1, engine_losses, _cfg(model, zero_stage=0), 3)[0]
+            for name, model in (("llama", TINY), ("gpt2", GPT2_STYLE))}
+
+
+@pytest.mark.parametrize("model, name", [(TINY, "llama"), (GPT2_STYLE, "gpt2")], ids=["llama", "gpt2-tied"])
+def test_pp2_with_checkpointing_matches_single_process(reference, model, name):
+    losses = run_ranks(2, engine_losses, _cfg(model, checkpointing="full", pp=2, zero_stage=1), 3)
+    assert losses[0] == losses[1]
+    assert losses[0] == pytest.approx(reference[name], rel=1e-5)
+
+
+@pytest.mark.parametrize("parallel", [dict(pp=2, tp=2), dict(pp=2, tp=2, sequence_parallel=True),
+                                      dict(pp=2, zero_stage=1)], ids=["tp2xpp2", "tp2xpp2-sp", "pp2xdp2"])
+def test_four_rank_3d_layouts_match_single_process(reference, parallel):
+    losses = run_ranks(4, engine_losses, _cfg(**parallel), 3)
+    assert all(rank_losses == losses[0] for rank_losses in losses)
+    assert losses[0] == pytest.approx(reference["llama"], rel=1e-5)
