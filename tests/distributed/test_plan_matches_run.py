@@ -1,0 +1,132 @@
+"""The planner's memory per rank against what a real DeepSpeed run holds (CPU, gloo, 2 ranks).
+
+Model states are measured from the tensors DeepSpeed keeps (bf16/fp32 weights or their ZeRO-3
+shards, gradient partitions, fp32 master partitions, Adam m and v), found by walking the engine's
+optimizer and module, each storage counted once. Gradient buckets are communication buffers, not
+model states. The total is compared with the growth of the peak resident set size over training.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import replace
+
+import pytest
+import torch
+
+from megatrain.config import ModelConfig
+from megatrain.plan import plan
+from tests.distributed.harness import run_ranks
+from tests.distributed.workloads import make_config, synthetic_batches
+
+MODEL = ModelConfig(vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256)
+BUFFERS = ("ipg",)  # DeepSpeed's reduce buckets (ipg_buckets, ipg_buffer): communication buffers
+# Framework overhead of a CPU rank (plan.overhead_gb): a DeepSpeed engine of a 1-block, 16-wide
+# model grows the peak RSS by 72 MiB per rank here (engine build 48, first forward/backward 22).
+CPU_OVERHEAD_GB = 0.075
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _tensors(obj, path: str, seen: set[int], out: list, depth: int = 0) -> None:
+    """Every tensor reachable from a DeepSpeed object through attributes, lists and dicts."""
+    if depth > 6 or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        out.append((path, obj))
+        for extra in ("grad", "ds_tensor"):
+            if getattr(obj, extra, None) is not None:
+                _tensors(getattr(obj, extra), f"{path}.{extra}", seen, out, depth + 1)
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _tensors(value, f"{path}[{key}]", seen, out, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            _tensors(value, f"{path}[{i}]", seen, out, depth + 1)
+    elif type(obj).__module__.startswith(("deepspeed", "torch.optim")) and not isinstance(obj, torch.nn.Module):
+        for key, value in vars(obj).items():
+            _tensors(value, f"{path}.{key}", seen, out, depth + 1)
+
+
+def model_state_bytes(engine) -> int:
+    found: list = []
+    seen: set[int] = set()
+    for i, p in enumerate(engine.module.parameters()):
+        _tensors(p, f"param{i}", seen, found)
+    _tensors(engine.optimizer, "optimizer", seen, found)
+    storages: dict[int, int] = {}
+    for path, t in found:
+        if not any(b in path for b in BUFFERS):
+            storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+    return sum(storages.values())
+
+
+def _load_code() -> None:
+    """Import what DeepSpeed and autograd load lazily: code in host memory, not training memory."""
+    import deepspeed.runtime.engine  # noqa: F401
+    import deepspeed.runtime.zero.stage3  # noqa: F401
+    import deepspeed.runtime.zero.stage_1_and_2  # noqa: F401
+    import torch._dynamo  # noqa: F401
+
+    w = torch.nn.Parameter(torch.ones(8, 8))
+    torch.optim.AdamW([w], fused=True).step()
+    (w @ w).sum().backward()
+
+
+def measure(rank: int, cfg, steps: int) -> dict:
+    """Train `steps` steps; measure model states after the last backward (optimizer states exist)."""
+    from megatrain.config import validate
+    from megatrain.engine.build import build_engine, init_distributed
+    from megatrain.parallel.mesh import Mesh
+
+    layout = validate(cfg, int(os.environ["WORLD_SIZE"]))
+    init_distributed(torch.device("cpu"))
+    mesh = Mesh.build(cfg.parallel.tp, cfg.parallel.pp)
+    data = synthetic_batches(steps, layout.global_batch_size, cfg.train.seq_len, cfg.model.vocab_size)
+    _load_code()
+    before = _rss_bytes()
+    engine, _ = build_engine(cfg, layout, mesh, torch.device("cpu"))
+    per_rank = layout.micro_batch_size * layout.grad_accum
+    states = 0
+    for step in range(steps):
+        mine = data[step, mesh.dp_rank * per_rank:(mesh.dp_rank + 1) * per_rank]
+        for micro in mine.split(layout.micro_batch_size):
+            engine.backward(engine(micro[:, :-1], micro[:, 1:]))
+            if step == steps - 1:
+                states = max(states, model_state_bytes(engine))
+            engine.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"model_states": states, "rss_growth": peak - before}
+
+
+LAYOUTS = {
+    "dp2-zero1-bf16": dict(parallel=dict(zero_stage=1), train=dict(precision="bf16")),
+    "dp2-zero3-bf16": dict(parallel=dict(zero_stage=3), train=dict(precision="bf16")),
+    "tp2-sp-zero2-fp32-selective": dict(parallel=dict(tp=2, zero_stage=2, sequence_parallel=True),
+                                        train=dict(precision="fp32", activation_checkpointing="selective")),
+}
+
+# ZeRO-3 on CPU: the peak RSS keeps growing step after step (glibc keeps the freed buffers of
+# every forward's parameter gathers), 27% above the plan after 2 steps: see docs/plan.md.
+TOTAL_NOT_PINNED = ("dp2-zero3-bf16",)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_planned_memory_matches_what_the_run_holds(name):
+    sections = LAYOUTS[name]
+    train = dict(micro_batch_size=4, global_batch_size=8, seq_len=256, **sections["train"])
+    cfg = make_config(vars(MODEL), parallel=sections["parallel"], train=train)
+    cfg = replace(cfg, plan=replace(cfg.plan, overhead_gb=CPU_OVERHEAD_GB))
+    planned = plan(cfg, world_size=2)
+    measured = max(run_ranks(2, measure, cfg, 2), key=lambda r: r["rss_growth"])
+    print(f"{name}: model states planned {planned.memory.model_states / 2**20:.1f} MiB, measured "
+          f"{measured['model_states'] / 2**20:.1f} MiB; total planned {planned.memory.total / 2**20:.1f} MiB, "
+          f"peak RSS growth {measured['rss_growth'] / 2**20:.1f} MiB")
+    assert planned.memory.model_states == pytest.approx(measured["model_states"], rel=0.10)
+    if name not in TOTAL_NOT_PINNED:
+        assert planned.memory.total == pytest.approx(measured["rss_growth"], rel=0.25)
