@@ -15,7 +15,7 @@ from megatrain.engine.deepspeed_config import deepspeed_config
 from megatrain.engine.dist_env import DistEnv
 from megatrain.engine.schedule import build_scheduler
 from megatrain.model.init import canonical_parameters, init_parameter
-from megatrain.model.transformer import Transformer
+from megatrain.model.transformer import Block, Transformer
 from megatrain.parallel.mesh import Mesh
 
 log = logging.getLogger("megatrain")
@@ -83,6 +83,10 @@ def build_engine(cfg: Config, layout: Layout, mesh: Mesh, device: torch.device):
 
     ds_config = deepspeed_config(cfg, layout)
     model = build_model(cfg, mesh, ds_config)
+    if cfg.train.compile:
+        # Blocks only: the embedding / head / loss hold the TP collectives that graphs break on.
+        for block in (m for m in model.modules() if isinstance(m, Block)):
+            block.compile()
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                   eps=o.eps, fused=True)

@@ -129,6 +129,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
                             wandb_entity=cfg.logging.wandb_entity, run_name=cfg.run.name, config=raw,
                             progress=cfg.logging.progress)
     preemption = Preemption()
+    profiler = _start_profiler(run_dir, env.rank) if cfg.train.profile else None
     timer = StepTimer(device)
     last_loss = last_eval = float("nan")
     window_start, window_steps = time.perf_counter(), 0
@@ -164,6 +165,8 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         if row:
             metrics.log(row)
 
+        if profiler is not None:
+            profiler.step()
         if preemption.agreed(device):
             save()
             log.info("signal received: saved step %d, exiting with %d for requeue", step, EXIT_PREEMPTED)
@@ -182,6 +185,8 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         if env.rank == 0:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         metrics.summary(summary)
+    if profiler is not None:
+        profiler.stop()
     metrics.close()
     dist.barrier()
     return exit_code
@@ -213,3 +218,18 @@ def _print_sample(engine, cfg: Config, tokenizer_path: str, device: torch.device
     out = engine.module.generate(prompt, cfg.train.sample_tokens, seed=cfg.train.seed)
     if rank == 0:
         print(f"\n--- sample ---\n{tokenizer.decode(out[0].tolist())}\n--------------", flush=True)
+
+
+def _start_profiler(run_dir: Path, rank: int) -> torch.profiler.profile:
+    """A torch profiler trace of steps 3-5 (after warm-up) per rank, under run.dir/profile/."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    out = run_dir / "profile"
+    profiler = torch.profiler.profile(
+        activities=activities, schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(str(out), worker_name=f"rank{rank}"),
+        record_shapes=True, profile_memory=True)
+    profiler.start()
+    log.info("profiling steps 3-5 into %s (open in Perfetto or TensorBoard)", out)
+    return profiler
