@@ -18,13 +18,12 @@ from omegaconf import OmegaConf
 from megatrain.config import Config, ConfigError, Layout, validate
 from megatrain.data.dataset import build_loader, check_data, load_tokenizer
 from megatrain.engine.build import build_engine, init_distributed, pick_device
-from megatrain.engine.checkpoint import Checkpointer
+from megatrain.engine.checkpoint import Checkpointer, RunContext
 from megatrain.engine.dist_env import export_dist_env, resolve_dist_env
 from megatrain.engine.step import eval_loss, train_step
 from megatrain.observe.logger import MetricsLogger, setup_console_logging
 from megatrain.observe.meters import StepTimer, memory_stats, peak_flops
 from megatrain.parallel.mesh import Mesh
-from megatrain.parallel.pipeline import bubble_fraction
 from megatrain.scaling.flops import param_counts, training_flops_per_token
 
 log = logging.getLogger("megatrain")
@@ -98,7 +97,8 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     loader = build_loader(cfg, split="train", seq_len=cfg.train.seq_len, micro_batch_size=layout.micro_batch_size,
                           dp_rank=mesh.dp_rank, dp_size=mesh.dp, seed=cfg.train.seed)
 
-    checkpointer = Checkpointer(run_dir, cfg.train.keep_last, env.rank)
+    checkpointer = Checkpointer(run_dir, cfg.train.keep_last, env.rank,
+                                RunContext(cfg, layout, mesh, data.tokenizer_path, data.eod_id))
     step, tokens = 0, 0
     resume_from = _resume_path(cfg, checkpointer)
     if resume_from is not None:
@@ -108,8 +108,12 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         if env.rank == 0:
             _drop_rows_after(run_dir / "metrics.jsonl", step)
         log.info("resumed from %s at step %d (%d tokens)", resume_from, step, tokens)
+    elif cfg.train.init_from:
+        checkpointer.init_from(engine, cfg.train.init_from)
 
-    if layout.pp > 1:
+    if layout.pp > 1 and env.rank == 0:
+        from megatrain.parallel.pipeline import bubble_fraction  # imports DeepSpeed: after its setup
+
         bubble = bubble_fraction(layout.pp, layout.grad_accum)
         log.log(logging.WARNING if layout.grad_accum < 2 * layout.pp else logging.INFO,
                 "pipeline: %d stages, %d micro-batches per step -> %.0f%% of each step idle (1F1B bubble); "
