@@ -87,6 +87,7 @@ class TrainConfig:
     save_interval: int = 0  # 0: save only at the end
     keep_last: int = 3
     resume: str = "auto"  # auto | none | <checkpoint path>
+    init_from: Optional[str] = None  # a Hugging Face directory (Llama / GPT-2) to start from; resume wins
     compile: bool = False
     profile: bool = False
     device: str = "auto"  # auto | cpu | cuda
@@ -203,6 +204,7 @@ class SweepConfig:
 class ExportConfig:
     output: str = "export"
     checkpoint: Optional[str] = None  # None: the latest checkpoint of run.dir
+    dtype: str = "float32"  # float32 | bfloat16 | float16: the weights' dtype in the exported files
 
 
 @dataclass

@@ -5,6 +5,11 @@ file's size in `meta.json`, renames the directory to `<tag>` and rewrites the `l
 atomically. A process killed mid-save leaves only a `.partial-*` directory behind, never a
 broken `latest`. Each rank also saves its own trainer state (step, tokens, data loader
 position, every RNG), so a resumed run continues bit for bit.
+
+Every checkpoint also holds a portable copy (`portable/`, see `portable.py`): a run whose layout
+(TP, PP, DP, ZeRO stage or precision) differs from the checkpoint's resumes from it instead of
+DeepSpeed's files, and export reads it. The test-only variable MEGATRAIN_TEST_SAVE_PAUSE (seconds)
+holds a save open before it is published, so tests can kill or signal a process mid-save.
 """
 
 from __future__ import annotations
@@ -14,12 +19,19 @@ import logging
 import os
 import random
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from megatrain.config import Config, ConfigError, Layout
+from megatrain.engine import portable
+from megatrain.model.init import canonical_parameters
+from megatrain.parallel.mesh import Mesh
 
 log = logging.getLogger("megatrain")
 
@@ -54,10 +66,31 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class RunContext:
+    """The run a checkpoint is saved from or loaded into: what the portable copy and a layout change need."""
+
+    cfg: Config
+    layout: Layout
+    mesh: Mesh
+    tokenizer_path: str | None = None
+    eod_id: int | None = None
+
+    def layout_key(self) -> dict[str, Any]:
+        return {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
+                "zero_stage": self.cfg.parallel.zero_stage, "precision": self.cfg.train.precision}
+
+
+def _saved_layout(meta: dict[str, Any]) -> dict[str, Any]:
+    layout = meta.get("layout", {})
+    return {"tp": layout.get("tp"), "pp": layout.get("pp"), "dp": layout.get("dp"),
+            "zero_stage": meta.get("zero_stage"), "precision": meta.get("precision")}
+
+
 class Checkpointer:
-    def __init__(self, run_dir: Path, keep_last: int, rank: int):
+    def __init__(self, run_dir: Path, keep_last: int, rank: int, context: RunContext | None = None):
         self.root = run_dir / "checkpoints"
-        self.keep_last, self.rank = keep_last, rank
+        self.keep_last, self.rank, self.context = keep_last, rank, context
 
     def save(self, engine: Any, step: int, trainer_state: dict[str, Any], meta: dict[str, Any]) -> Path:
         """Collective: every rank calls it. Returns the published checkpoint directory."""
@@ -68,8 +101,14 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         engine.save_checkpoint(str(self.root), tag=partial.name, save_latest=False)
+        if self.context is not None:
+            c = self.context
+            portable.save(engine, c.mesh, partial / portable.DIR, step=step, model=c.cfg.model,
+                          tokenizer_path=c.tokenizer_path, eod_id=c.eod_id)
+            meta = {**meta, **c.layout_key()}
         (partial / "trainer").mkdir(parents=True, exist_ok=True)
         torch.save({**trainer_state, "rng": rng_state()}, partial / "trainer" / f"rank_{self.rank:05d}.pt")
+        time.sleep(float(os.environ.get("MEGATRAIN_TEST_SAVE_PAUSE", "0")))
         dist.barrier()
         if self.rank == 0:
             files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
@@ -83,6 +122,8 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
+        for stale in self.root.glob(".partial-*"):  # left by saves that were killed
+            shutil.rmtree(stale, ignore_errors=True)
         if self.keep_last <= 0:
             return
         for old in self.complete()[: -self.keep_last]:
@@ -96,6 +137,8 @@ class Checkpointer:
 
     def find_latest(self) -> Path | None:
         """The newest checkpoint that is whole; damaged ones are skipped with a warning naming them."""
+        for stale in sorted(self.root.glob(".partial-*")) if self.root.exists() else []:
+            log.warning("ignoring %s: a save that never finished (the process was killed while writing it)", stale)
         for path in reversed(self.complete()):
             problem = verify(path)
             if problem is None:
@@ -104,19 +147,86 @@ class Checkpointer:
         return None
 
     def load(self, engine: Any, path: Path) -> dict[str, Any]:
-        """Collective: restore the engine and return this rank's trainer state (RNGs restored)."""
+        """Collective: restore the engine and return this rank's trainer state (RNGs restored).
+
+        The same layout loads DeepSpeed's files (bit for bit); another layout loads the portable copy.
+        """
         problem = verify(path)
         if problem is not None:
             raise RuntimeError(f"checkpoint {path} cannot be loaded: {problem}")
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+        meta = json.loads((path / META).read_text())
+        saved = _saved_layout(meta)
+        now = self.context.layout_key() if self.context is not None else {}
+        # keys a checkpoint lacks (written before they were recorded) count as unchanged
+        if all(saved[k] is None or saved[k] == now[k] for k in now):
+            load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+        else:
+            if not (path / portable.DIR).is_dir():
+                raise RuntimeError(f"checkpoint {path} was written with {saved} and has no {portable.DIR}/ copy; "
+                                   f"resume it with that layout")
+            log.warning("checkpoint %s was written with %s; this run is %s: loading its portable copy",
+                        path, _fmt(saved), _fmt(now))
+            portable.load(engine, self.context.mesh, path / portable.DIR)
         own = path / "trainer" / f"rank_{self.rank:05d}.pt"
         state = torch.load(own if own.exists() else path / "trainer" / "rank_00000.pt", weights_only=False)
         if own.exists():
             set_rng_state(state["rng"])
+        if self.context is not None:
+            layout = self.context.layout
+            before = meta.get("layout", {}).get("global_batch_size", layout.global_batch_size)
+            if before != layout.global_batch_size:
+                log.warning("train.global_batch_size was %d, now %d: each step now reads %d samples; the LR "
+                            "schedule continues by step", before, layout.global_batch_size, layout.global_batch_size)
+            state["data"] = adapt_loader_state(state["data"], layout.micro_batch_size, layout.dp)
         return state
+
+    def init_from(self, engine: Any, source: str) -> None:
+        """Collective: set the model's weights from a Hugging Face directory (`train.init_from`)."""
+        from megatrain.export.hf import read_hf
+
+        c = self.context
+        try:
+            weights = read_hf(Path(source), c.cfg.model)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"train.init_from={source}: {err}") from err
+        portable.check_shapes(engine.module, c.mesh, {n: list(t.shape) for n, t in weights.items()}, source)
+        for name, p in canonical_parameters(engine.module):
+            portable.set_parameter(p, portable.local_slice(weights[name], p, c.mesh))
+        log.info("initialised the model from %s", source)
+
+
+def _fmt(layout: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in layout.items())
+
+
+def adapt_loader_state(state: dict[str, Any], micro_batch_size: int, dp_size: int) -> dict[str, Any]:
+    """The data loader state for another micro-batch x DP shape, saying what is not exact.
+
+    The stream is counted in global samples, which every layout reads in the same order, so the
+    position carries over. An epoch, though, holds a multiple of micro_batch x DP windows: past the
+    first epoch the position inside the epoch can shift, i.e. some windows are read again or skipped.
+    """
+    old_mbs, old_dp = state["micro_batch_size"], state["dp_size"]
+    if (old_mbs, old_dp) == (micro_batch_size, dp_size):
+        return state
+    old_call, new_call = old_mbs * old_dp, micro_batch_size * dp_size
+    log.warning("data loader: micro_batch x DP was %d x %d, now %d x %d; the stream continues at global sample %d",
+                old_mbs, old_dp, micro_batch_size, dp_size, state["samples"])
+    d = 0
+    while f"consumed_{d}" in state:
+        count, windows = state[f"consumed_{d}"], state[f"windows_{d}"]
+        old_epoch, new_epoch = windows - windows % old_call, windows - windows % new_call
+        before, after = divmod(count, old_epoch), divmod(count, new_epoch)
+        if before != after:
+            log.warning("data loader, dataset %d: epochs now hold %d windows instead of %d, so the next sample is "
+                        "window %d of epoch %d instead of window %d of epoch %d: %d windows of the epoch in "
+                        "progress are read twice or skipped", d, new_epoch, old_epoch, after[1], after[0],
+                        before[1], before[0], abs(after[1] - before[1]))
+        d += 1
+    return {**state, "micro_batch_size": micro_batch_size, "dp_size": dp_size}
 
 
 def verify(path: Path) -> str | None:

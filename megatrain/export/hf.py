@@ -1,0 +1,214 @@
+"""Hugging Face `transformers` format: export a checkpoint, import a model to train from.
+
+LLaMA-style models (RMSNorm, RoPE, SwiGLU) become `LlamaForCausalLM`, GPT-2-style ones (LayerNorm,
+learned positions, tanh GELU) `GPT2LMHeadModel`. Both use the same RoPE layout (half split) and
+the same attention scaling as megatrain, so weights map one to one; GPT-2's Conv1D layers store
+weights transposed and fuse q, k, v. Export reads the checkpoint's portable copy: no process
+group, no DeepSpeed, any training layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatrain.config import ModelConfig
+from megatrain.engine.portable import DIR, TOKENIZER, PortableCheckpoint
+
+log = logging.getLogger("megatrain")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def architecture(m: ModelConfig) -> str:
+    """"llama" or "gpt2"; a model neither can represent fails naming the keys that prevent it."""
+    if (m.norm, m.position, m.activation) == ("rmsnorm", "rope", "swiglu"):
+        return "llama"
+    if (m.norm, m.position, m.activation) == ("layernorm", "learned", "gelu"):
+        if m.kv_heads != m.n_heads:
+            raise ValueError(f"model.n_kv_heads={m.n_kv_heads} (grouped-query attention) has no GPT-2 "
+                             f"representation: GPT2LMHeadModel needs model.n_kv_heads=model.n_heads={m.n_heads}")
+        return "gpt2"
+    raise ValueError(f"model.norm={m.norm} model.position={m.position} model.activation={m.activation}: Hugging "
+                     "Face has no model for this mix; export supports rmsnorm+rope+swiglu (Llama) or "
+                     "layernorm+learned+gelu (GPT-2)")
+
+
+def hf_config(m: ModelConfig, eos_id: int | None = None):
+    """The transformers config object of the same model."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if architecture(m) == "llama":
+        return LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_dim,
+                           num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+                           num_key_value_heads=m.kv_heads, head_dim=m.head_dim, hidden_act="silu",
+                           max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
+                           rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+                           attention_bias=m.bias, mlp_bias=m.bias, tie_word_embeddings=m.tie_embeddings,
+                           bos_token_id=eos_id, eos_token_id=eos_id, architectures=["LlamaForCausalLM"])
+    return GPT2Config(vocab_size=m.vocab_size, n_positions=m.max_seq_len, n_embd=m.d_model, n_layer=m.n_layers,
+                      n_head=m.n_heads, n_inner=m.ffn_dim, activation_function="gelu_new", resid_pdrop=0.0,
+                      embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=m.norm_eps,
+                      tie_word_embeddings=m.tie_embeddings, bos_token_id=eos_id, eos_token_id=eos_id,
+                      architectures=["GPT2LMHeadModel"])
+
+
+def model_config_from_hf(config) -> dict:
+    """ModelConfig fields that a transformers config fixes (everything that shapes the weights)."""
+    if config.model_type == "llama":
+        rope = getattr(config, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") != "default" or config.hidden_act != "silu":
+            raise ValueError(f"Llama with rope_type={rope.get('rope_type')} hidden_act={config.hidden_act}: "
+                             "megatrain implements default RoPE and SiLU only")
+        if config.attention_bias != config.mlp_bias:
+            raise ValueError("Llama with attention_bias != mlp_bias: megatrain's model.bias covers both")
+        if getattr(config, "head_dim", None) not in (None, config.hidden_size // config.num_attention_heads):
+            raise ValueError(f"Llama head_dim={config.head_dim} != hidden_size / num_attention_heads")
+        return dict(vocab_size=config.vocab_size, d_model=config.hidden_size, n_layers=config.num_hidden_layers,
+                    n_heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
+                    ffn_dim=config.intermediate_size, norm="rmsnorm", norm_eps=config.rms_norm_eps,
+                    position="rope", rope_theta=rope.get("rope_theta", 10000.0), activation="swiglu",
+                    bias=config.attention_bias, tie_embeddings=config.tie_word_embeddings)
+    if config.model_type == "gpt2":
+        if config.activation_function not in GPT2_ACTIVATIONS or config.scale_attn_by_inverse_layer_idx:
+            raise ValueError(f"GPT-2 with activation_function={config.activation_function} and "
+                             f"scale_attn_by_inverse_layer_idx={config.scale_attn_by_inverse_layer_idx}: "
+                             "megatrain implements tanh GELU and standard attention scaling")
+        return dict(vocab_size=config.vocab_size, d_model=config.n_embd, n_layers=config.n_layer,
+                    n_heads=config.n_head, kv_heads=config.n_head, ffn_dim=config.n_inner or 4 * config.n_embd,
+                    max_seq_len=config.n_positions, norm="layernorm", norm_eps=config.layer_norm_epsilon,
+                    position="learned", activation="gelu", bias=True, tie_embeddings=config.tie_word_embeddings)
+    raise ValueError(f"model_type={config.model_type}: megatrain imports llama and gpt2 models")
+
+
+def _renames(m: ModelConfig) -> dict[str, str]:
+    """canonical name -> HF name, for the tensors that map one to one (GPT-2 attention is fused apart)."""
+    names: dict[str, str] = {}
+    if architecture(m) == "llama":
+        names["embed.tokens.weight"] = "model.embed_tokens.weight"
+        names["head.norm.weight"] = "model.norm.weight"
+        for i in range(m.n_layers):
+            b, h = f"blocks.{i}", f"model.layers.{i}"
+            names[f"{b}.attn_norm.weight"] = f"{h}.input_layernorm.weight"
+            names[f"{b}.mlp_norm.weight"] = f"{h}.post_attention_layernorm.weight"
+            parts = [("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"), ("attn.v", "self_attn.v_proj"),
+                     ("attn.o", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"), ("mlp.up", "mlp.up_proj"),
+                     ("mlp.down", "mlp.down_proj")]
+            for ours, theirs in parts:
+                for kind in ("weight", "bias") if m.bias else ("weight",):
+                    names[f"{b}.{ours}.{kind}"] = f"{h}.{theirs}.{kind}"
+    else:
+        names.update({"embed.tokens.weight": "transformer.wte.weight", "embed.positions": "transformer.wpe.weight",
+                      "head.norm.weight": "transformer.ln_f.weight", "head.norm.bias": "transformer.ln_f.bias"})
+        for i in range(m.n_layers):
+            b, h = f"blocks.{i}", f"transformer.h.{i}"
+            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+                names[f"{b}.{ours}.weight"], names[f"{b}.{ours}.bias"] = f"{h}.{theirs}.weight", f"{h}.{theirs}.bias"
+            for ours, theirs in (("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
+                names[f"{b}.{ours}.weight"], names[f"{b}.{ours}.bias"] = f"{h}.{theirs}.weight", f"{h}.{theirs}.bias"
+    if not m.tie_embeddings:
+        names["head.proj.weight"] = "lm_head.weight"
+    return names
+
+
+def to_hf(m: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF state dict from canonical full weights. GPT-2 without biases gets zero biases (the same model)."""
+    gpt2 = architecture(m) == "gpt2"
+    out = {}
+    for ours, theirs in _renames(m).items():
+        value = weights.get(ours)
+        if value is None and gpt2 and ours.endswith(".bias"):
+            value = torch.zeros(weights[ours[: -len("bias")] + "weight"].shape[0])
+        # GPT-2's Conv1D keeps weights as [in, out]
+        out[theirs] = value.t() if gpt2 and value.dim() == 2 and ".h." in theirs else value
+    if gpt2:
+        for i in range(m.n_layers):
+            b = f"blocks.{i}.attn"
+            out[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat([weights[f"{b}.{x}.weight"] for x in "qkv"]).t()
+            biases = [weights.get(f"{b}.{x}.bias", torch.zeros(m.d_model)) for x in "qkv"]
+            out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(biases)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf(m: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Canonical full weights from an HF state dict (the inverse of `to_hf`)."""
+    gpt2 = architecture(m) == "gpt2"
+    if gpt2:  # checkpoints saved from GPT2Model (e.g. the original `gpt2`) lack the `transformer.` prefix
+        state = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v for k, v in state.items()}
+    weights = {}
+    for ours, theirs in _renames(m).items():
+        if theirs not in state:
+            raise ValueError(f"the Hugging Face weights have no {theirs} (needed for {ours})")
+        value = state[theirs]
+        weights[ours] = value.t() if gpt2 and value.dim() == 2 and ".h." in theirs else value
+    if gpt2:
+        for i in range(m.n_layers):
+            fused = f"transformer.h.{i}.attn.c_attn"
+            for x, w, b in zip("qkv", state[f"{fused}.weight"].t().chunk(3), state[f"{fused}.bias"].chunk(3)):
+                weights[f"blocks.{i}.attn.{x}.weight"], weights[f"blocks.{i}.attn.{x}.bias"] = w, b
+    return {k: v.float().contiguous() for k, v in weights.items()}
+
+
+def export_checkpoint(checkpoint: Path, output: Path, dtype: str = "float32") -> str:
+    """Write a Hugging Face directory (config.json, model.safetensors, tokenizer) for `checkpoint`.
+
+    Returns the architecture name. Needs only the checkpoint's files.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    if dtype not in DTYPES:
+        raise ValueError(f"export.dtype={dtype} is not allowed; choose one of {', '.join(DTYPES)}")
+    source = PortableCheckpoint(Path(checkpoint) / DIR)
+    m = source.model
+    arch = architecture(m)
+    tokenizer_file = source.directory / TOKENIZER
+    eod = source.state.get("eod_token")
+    tokenizer = None
+    if tokenizer_file.is_file():
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token=eod, bos_token=eod,
+                                            model_max_length=m.max_seq_len)
+    eos_id = tokenizer.eos_token_id if tokenizer is not None and eod else None
+    state = {k: v.to(DTYPES[dtype]) for k, v in to_hf(m, source.weights()).items()}
+    output.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(output / "model.safetensors"), metadata={"format": "pt"})
+    config = hf_config(m, eos_id)
+    config.dtype = dtype
+    config.save_pretrained(output)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output)
+    else:
+        log.warning("%s holds no tokenizer: exported the model only", source.directory)
+    (output / "megatrain.json").write_text(json.dumps({"checkpoint": str(checkpoint), "step": source.state["step"],
+                                                       "model": asdict(m)}, indent=1))
+    return arch
+
+
+def read_hf(directory: Path, m: ModelConfig) -> dict[str, torch.Tensor]:
+    """Canonical full fp32 weights from a Hugging Face directory whose model must equal `m`."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(directory))
+    theirs = model_config_from_hf(config)
+    mine = dict(asdict(m), kv_heads=m.kv_heads, ffn_dim=m.ffn_dim)
+    if theirs["position"] == "rope":  # no weights depend on it
+        mine.pop("max_seq_len")
+    wrong = [f"model.{k}={mine[k]} but {directory} has {v}" for k, v in theirs.items()
+             if k in mine and mine[k] != v and not (isinstance(v, float) and abs(mine[k] - v) <= 1e-12)]
+    if wrong:
+        raise ValueError("the run's model differs from the one to import: " + "; ".join(wrong)
+                         + " (kv_heads is model.n_kv_heads, ffn_dim model.ffn_hidden)")
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{directory} holds no *.safetensors weights")
+    state = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            state.update({k: f.get_tensor(k) for k in f.keys()})
+    return from_hf(m, state)
