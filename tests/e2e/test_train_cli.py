@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import yaml
 
 from tests.e2e.conftest import TRAIN, cli, losses, metrics, torchrun
@@ -44,15 +45,43 @@ def test_resume_from_a_checkpoint_continues_with_identical_losses(tiny_data, tmp
     assert losses(resumed) == {step: loss for step, loss in losses(straight).items() if step > 3}
 
 
-def test_torchrun_tp2_gives_the_same_losses_as_one_process(tiny_data, tmp_path):
-    args = (*TRAIN, f"data.path={tiny_data}", "train.steps=4", "train.precision=fp32", "train.eval_interval=0")
-    one = tmp_path / "tp1"
-    assert cli("launcher.train", *args, f"run.dir={one}").returncode == 0
-    two = tmp_path / "tp2"
-    result = cli("launcher.train", *args, f"run.dir={two}", "parallel.tp=2", "parallel.sequence_parallel=true",
+LAYOUT_ARGS = (*TRAIN, "train.steps=4", "train.precision=fp32", "train.eval_interval=2", "train.save_interval=2")
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("layouts") / "one"
+    result = cli("launcher.train", *LAYOUT_ARGS, f"data.path={tiny_data}", f"run.dir={run}")
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def _assert_same_curve(run, reference):
+    expected = {row["step"]: row for row in metrics(reference)}
+    rows = metrics(run)
+    assert [row["step"] for row in rows] == list(expected)
+    for row in rows:
+        for key in ("loss", "eval_loss"):
+            if key in expected[row["step"]]:
+                assert row[key] == pytest.approx(expected[row["step"]][key], rel=1e-5), (row["step"], key)
+
+
+@pytest.mark.parametrize("layout", [("parallel.tp=2", "parallel.sequence_parallel=true"), ("parallel.pp=2",)],
+                         ids=["tp2-sp", "pp2"])
+def test_torchrun_layouts_give_the_loss_curve_of_one_process(tiny_data, tmp_path, one_process_run, layout):
+    run = tmp_path / "run"
+    result = cli("launcher.train", *LAYOUT_ARGS, f"data.path={tiny_data}", f"run.dir={run}", *layout,
                  launcher=torchrun(2))
     assert result.returncode == 0, result.stderr
-    reference = losses(one)
-    assert losses(two).keys() == reference.keys()
-    for step, loss in losses(two).items():
-        assert abs(loss - reference[step]) <= 1e-5 * reference[step], (step, loss, reference[step])
+    _assert_same_curve(run, one_process_run)
+
+
+def test_pipeline_run_resumes_from_its_checkpoint_with_identical_losses(tiny_data, tmp_path):
+    args = (*LAYOUT_ARGS, f"data.path={tiny_data}", "parallel.pp=2")
+    straight = tmp_path / "straight"
+    assert cli("launcher.train", *args, f"run.dir={straight}", launcher=torchrun(2)).returncode == 0
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
+    result = cli("launcher.train", *args, f"run.dir={resumed}", launcher=torchrun(2))
+    assert result.returncode == 0, result.stderr
+    assert losses(resumed) == {step: loss for step, loss in losses(straight).items() if step > 2}
