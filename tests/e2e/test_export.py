@@ -1,0 +1,135 @@
+"""Checkpoints of any layout resume on another layout and export to Hugging Face with the same logits;
+a Hugging Face directory starts a run (`train.init_from`)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatrain.config import ModelConfig
+from megatrain.engine.portable import PortableCheckpoint
+from megatrain.export.hf import architecture
+from megatrain.model.transformer import Transformer
+from tests.e2e.conftest import TRAIN, cli, losses, torchrun
+
+ARGS = (*TRAIN, "train.precision=fp32", "train.eval_interval=0", "train.global_batch_size=4", "optim.warmup_steps=1")
+GPT2 = ("model.norm=layernorm", "model.position=learned", "model.activation=gelu", "model.bias=true",
+        "model.tie_embeddings=true", "model.n_kv_heads=null")
+
+
+@pytest.fixture(scope="module")
+def tp2_run(tiny_data, tmp_path_factory) -> Path:
+    """TP2 x DP1, ZeRO-1, 4 steps (GQA, untied head), checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("tp2") / "run"
+    result = cli("launcher.train", *ARGS, f"data.path={tiny_data}", f"run.dir={run}", "train.steps=4",
+                 "train.save_interval=2", "parallel.tp=2", "parallel.zero_stage=1", launcher=torchrun(2))
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def test_tp2_zero1_checkpoint_resumes_in_one_process_with_the_same_losses(tp2_run, tiny_data, tmp_path):
+    run = tmp_path / "one"
+    shutil.copytree(tp2_run / "checkpoints" / "step_00000002", run / "checkpoints" / "step_00000002")
+    result = cli("launcher.train", *ARGS, f"data.path={tiny_data}", f"run.dir={run}", "train.steps=4",
+                 "parallel.zero_stage=0")
+    assert result.returncode == 0, result.stderr
+    assert "tp=2 pp=1 dp=1 zero_stage=1" in result.stderr and "loading its portable copy" in result.stderr
+    # micro_batch x DP is 2 x 1 in both layouts: the data stream continues exactly
+    reference = {step: loss for step, loss in losses(tp2_run).items() if step > 2}
+    assert losses(run).keys() == reference.keys()
+    for step, loss in losses(run).items():
+        assert loss == pytest.approx(reference[step], rel=1e-5), step
+
+
+def _megatrain_logits(checkpoint: Path, ids: torch.Tensor) -> torch.Tensor:
+    source = PortableCheckpoint(checkpoint / "portable")
+    model = Transformer(source.model)
+    model.load_state_dict(source.weights(), strict=True)
+    return model.eval()(ids)
+
+
+def _export(checkpoint_args: tuple[str, ...], out: Path) -> None:
+    result = cli("launcher.export", *checkpoint_args, f"export.output={out}")
+    assert result.returncode == 0, result.stderr
+
+
+def _assert_same_logits(checkpoint: Path, out: Path, arch: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == arch
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([tokenizer("To be, or not to be, that is the question:")["input_ids"]])
+    assert ids.shape[1] > 5 and tokenizer.decode(ids[0]) == "To be, or not to be, that is the question:"
+    with torch.no_grad():
+        theirs = hf(ids).logits
+        ours = _megatrain_logits(checkpoint, ids)
+    diff = (theirs - ours).abs().max().item()
+    print(f"{arch}: max |logits diff| = {diff:.2e}")
+    assert diff <= 1e-4
+
+
+def test_tp2_checkpoint_exports_to_llama_with_the_same_logits(tp2_run, tmp_path):
+    out = tmp_path / "hf"
+    _export((f"run.dir={tp2_run}",), out)  # the latest checkpoint
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    _assert_same_logits(tp2_run / "checkpoints" / "step_00000004", out, "LlamaForCausalLM")
+
+
+@pytest.fixture(scope="module")
+def gpt2_export(tiny_data, tmp_path_factory) -> tuple[Path, Path]:
+    """A GPT-2-style run (one process, ZeRO-1) and its export."""
+    base = tmp_path_factory.mktemp("gpt2")
+    run, out = base / "run", base / "hf"
+    result = cli("launcher.train", *ARGS, *GPT2, f"data.path={tiny_data}", f"run.dir={run}", "train.steps=2",
+                 "optim.lr=3e-3")
+    assert result.returncode == 0, result.stderr
+    checkpoint = run / "checkpoints" / "step_00000002"
+    _export((f"export.checkpoint={checkpoint}",), out)
+    return checkpoint, out
+
+
+def test_gpt2_style_checkpoint_exports_to_gpt2_with_the_same_logits(gpt2_export):
+    _assert_same_logits(*gpt2_export, "GPT2LMHeadModel")
+
+
+def test_init_from_a_hugging_face_directory_starts_from_its_weights(gpt2_export, tiny_data, tmp_path):
+    """The first loss of a run started from the export is the exported model's loss on that batch."""
+    from transformers import AutoModelForCausalLM
+
+    from megatrain.config import Config, DataConfig
+    from megatrain.data.dataset import build_loader
+
+    _, out = gpt2_export
+    run = tmp_path / "imported"
+    result = cli("launcher.train", *ARGS, *GPT2, f"data.path={tiny_data}", f"run.dir={run}", "train.steps=1",
+                 "parallel.tp=2", f"train.init_from={out}", launcher=torchrun(2))
+    assert result.returncode == 0, result.stderr
+    assert f"initialised the model from {out}" in result.stderr
+    loader = build_loader(Config(data=DataConfig(path=str(tiny_data))), split="train", seq_len=64,
+                          micro_batch_size=2, dp_rank=0, dp_size=1, seed=1234)
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        expected = sum(hf(b["input_ids"]).logits.flatten(0, 1).log_softmax(-1).gather(
+            1, b["labels"].reshape(-1, 1)).mean().neg().item() for b in (loader.next_batch(), loader.next_batch())) / 2
+    assert losses(run)[1] == pytest.approx(expected, rel=1e-5)
+
+
+def test_init_from_a_different_model_names_the_keys_that_differ(gpt2_export, tiny_data, tmp_path):
+    _, out = gpt2_export
+    result = cli("launcher.train", *ARGS, *GPT2, "model.d_model=128", f"data.path={tiny_data}",
+                 f"run.dir={tmp_path / 'run'}", "train.steps=1", f"train.init_from={out}")
+    assert result.returncode == 2
+    assert "model.d_model=128 but" in result.stderr and "has 64" in result.stderr
+
+
+@pytest.mark.parametrize("model, key", [
+    (dict(norm="layernorm", position="rope", activation="gelu"), "model.position=rope"),
+    (dict(norm="layernorm", position="learned", activation="gelu", n_heads=4, n_kv_heads=2), "model.n_kv_heads=2"),
+])
+def test_models_hugging_face_cannot_represent_fail_naming_the_key(model, key):
+    with pytest.raises(ValueError, match=key):
+        architecture(ModelConfig(**model))
