@@ -62,8 +62,12 @@ def _valid_fraction(cfg: Config) -> float:
     return 0.0 if cfg.data.valid_path else f
 
 
-def check_data(cfg: Config) -> DataInfo:
-    """Everything about the data that can fail, checked before any process group exists."""
+def check_data(cfg: Config, hash_shards: bool = True) -> DataInfo:
+    """Everything about the data that can fail, checked before any process group exists.
+
+    `hash_shards`: verify every shard's sha256 (cached per shard). One rank of a job does it; the
+    others check sizes only, and a mismatch found by that rank stops the whole job.
+    """
     t, m = cfg.train, cfg.model
     if t.seq_len > m.max_seq_len:
         raise DataError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
@@ -78,7 +82,7 @@ def check_data(cfg: Config) -> DataInfo:
                             f"{first} with {want['sha256'][:12]}: every dataset of a run needs the same "
                             "tokenizer")
         check_tokenizer_file(Path(d), manifest)
-        verify_checksums(Path(d), manifest)
+        verify_checksums(Path(d), manifest, hash_shards)
     if cfg.tokenizer.path:
         tok = load_tokenizer(cfg.tokenizer.path)
         special_ids(tok, cfg.tokenizer, cfg.tokenizer.path)

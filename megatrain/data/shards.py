@@ -48,8 +48,9 @@ def check_tokenizer_file(directory: Path, manifest: dict) -> None:
                         "the shards do not match this tokenizer: re-run launcher.prepare")
 
 
-def verify_checksums(directory: Path, manifest: dict) -> None:
-    """Full sha256 of every shard against the manifest; shards unchanged since a passed check are skipped."""
+def verify_checksums(directory: Path, manifest: dict, hash_shards: bool = True) -> None:
+    """Sizes, then the full sha256 of every shard against the manifest (when `hash_shards`); shards
+    unchanged since a passed check are not hashed again."""
     cache_path = directory / VERIFIED
     try:
         cache = json.loads(cache_path.read_text())
@@ -65,7 +66,7 @@ def verify_checksums(directory: Path, manifest: dict) -> None:
             raise DataError(f"shard {path} has {st.st_size} bytes, the manifest says {shard['bytes']}: "
                             "truncated or replaced; re-run launcher.prepare")
         stamp = [st.st_size, st.st_mtime_ns, shard["sha256"]]
-        if cache.get(shard["name"]) != stamp:
+        if hash_shards and cache.get(shard["name"]) != stamp:
             todo.append((shard, path, stamp))
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # hashlib releases the GIL
         digests = list(pool.map(lambda item: sha256_file(item[1]), todo))

@@ -86,7 +86,8 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     export_dist_env(env)
     setup_console_logging(env.rank)
     layout = validate(cfg, env.world_size)
-    data = check_data(cfg)  # before any process group: a bad dataset costs seconds, not a queue wait
+    # Before any process group: a bad dataset costs seconds, not a queue wait. Rank 0 hashes the shards.
+    data = check_data(cfg, hash_shards=env.rank == 0)
     run_dir = prepare_run_dir(cfg, raw, env.rank)
 
     device = pick_device(cfg, env)
