@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,6 @@ STEPS = 120  # a few seconds: long enough for a signal to land mid-run
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
 
-pytestmark = pytest.mark.skipif(shutil.which("sbatch") is None,
-                                reason="SLURM is not installed (sbatch not found); run slurm/install.sh")
 
 
 def common_overrides(data: Path) -> list[str]:
@@ -39,6 +38,8 @@ def common_overrides(data: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def slurm_env() -> Iterator[dict[str, str]]:
     """A running local SLURM; stopped afterwards (and checked to leave nothing) if this module started it."""
+    if shutil.which("sbatch") is None:
+        pytest.skip("SLURM is not installed (sbatch not found); run slurm/install.sh")
     start = subprocess.run(["bash", str(SLURM / "start_local.sh")], capture_output=True, text=True, timeout=300)
     assert start.returncode == 0, start.stdout + start.stderr
     env = {**os.environ, "SLURM_CONF": str(STATE_DIR / "etc" / "slurm.conf"), "PYTHON": sys.executable}
@@ -96,7 +97,7 @@ def job_field(job: int, env: dict[str, str], key: str) -> str:
     return next(f.split("=", 1)[1] for f in out.split() if f.startswith(key + "="))
 
 
-def wait_job(job: int, env: dict[str, str], log: Path, timeout: float = 150) -> str:
+def wait_job(job: int, env: dict[str, str], log: Path, timeout: float = 240) -> str:
     deadline = time.monotonic() + timeout
     while (state := job_field(job, env, "JobState")) not in FINAL_STATES:
         if time.monotonic() > deadline:
@@ -110,37 +111,65 @@ def log_tail(log: Path) -> str:
     return "\n".join(log.read_text().splitlines()[-40:]) if log.exists() else f"(no {log})"
 
 
+@dataclass(frozen=True)
+class Job:
+    id: int
+    workdir: Path
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "logs" / f"megatrain-{self.id}.out"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.workdir / "run"
+
+
 # One torchrun per node (c10d rendezvous), or one process per srun task (ranks from SLURM's variables).
-@pytest.mark.parametrize("template,banner", [("train_multi_node.sbatch", "2 x 1 processes, rendezvous n1:"),
-                                             ("train_srun.sbatch", "2 tasks")])
-def test_two_node_job_matches_torchrun(slurm_env, data, reference, tmp_path, template, banner):
-    job = sbatch(template, tmp_path, slurm_env, *common_overrides(data), f"run.dir={tmp_path}/run")
-    log = tmp_path / "logs" / f"megatrain-{job}.out"
-    assert wait_job(job, slurm_env, log) == "COMPLETED", log_tail(log)
-    assert job_field(job, slurm_env, "NodeList") == "n[1-2]"
-    assert banner in log.read_text()
-    rows = metrics(tmp_path / "run")
+TEMPLATES = {"train_multi_node.sbatch": "2 x 1 processes, rendezvous n1:", "train_srun.sbatch": "2 tasks"}
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm_env, data, tmp_path_factory) -> dict[str, Job]:
+    """Every 2-node job submitted at once (they overlap each other and the torchrun reference):
+    one per template, and one more that is signalled mid-run."""
+    submitted = {}
+    for name in [*TEMPLATES, "signalled"]:
+        workdir = tmp_path_factory.mktemp(name.split(".")[0])
+        template = "train_multi_node.sbatch" if name == "signalled" else name
+        submitted[name] = Job(sbatch(template, workdir, slurm_env, *common_overrides(data),
+                                     f"run.dir={workdir}/run"), workdir)
+    job = submitted["signalled"]
+    deadline = time.monotonic() + 180
+    while not ((job.run_dir / "metrics.jsonl").exists() and len(metrics(job.run_dir)) >= 5):
+        assert time.monotonic() < deadline, log_tail(job.log)
+        time.sleep(0.2)
+    # What `#SBATCH --signal=B:USR1@300` does before the time limit: USR1 to the batch shell only.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", str(job.id)], env=slurm_env, timeout=30, check=True)
+    return submitted
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_two_node_job_matches_torchrun(slurm_env, jobs, reference, template):
+    job = jobs[template]
+    assert wait_job(job.id, slurm_env, job.log) == "COMPLETED", log_tail(job.log)
+    assert job_field(job.id, slurm_env, "NodeList") == "n[1-2]"
+    assert TEMPLATES[template] in job.log.read_text()
+    rows = metrics(job.run_dir)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in reference], rel=1e-6)
     assert {r["restart_count"] for r in rows} == {0}
 
 
-def test_signalled_job_checkpoints_requeues_and_resumes(slurm_env, data, reference, tmp_path):
-    run_dir = tmp_path / "run"
-    job = sbatch("train_multi_node.sbatch", tmp_path, slurm_env, *common_overrides(data), f"run.dir={run_dir}")
-    log = tmp_path / "logs" / f"megatrain-{job}.out"
-    deadline = time.monotonic() + 90
-    while not ((run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 5):
-        assert time.monotonic() < deadline, log_tail(log)
-        time.sleep(0.2)
-    # What `#SBATCH --signal=B:USR1@300` does before the time limit: USR1 to the batch shell only.
-    subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], env=slurm_env, timeout=30, check=True)
-    assert wait_job(job, slurm_env, log) == "COMPLETED", log_tail(log)
+def test_signalled_job_checkpoints_requeues_and_resumes(slurm_env, jobs, reference):
+    job = jobs["signalled"]
+    job_id, log, run_dir = job.id, job.log, job.run_dir
+    assert wait_job(job_id, slurm_env, log) == "COMPLETED", log_tail(log)
 
     text = log.read_text()
-    assert "USR1: checkpoint, then requeue" in text and f"requeueing job {job}" in text, text
+    assert "USR1: checkpoint, then requeue" in text and f"requeueing job {job_id}" in text, text
     assert "restart 0 on" in text and "restart 1 on" in text, text
-    assert job_field(job, slurm_env, "Restarts") == "1"
+    assert job_field(job_id, slurm_env, "Restarts") == "1"
     rows = metrics(run_dir)
     first = [r for r in rows if r["restart_count"] == 0]
     second = [r for r in rows if r["restart_count"] == 1]
@@ -155,18 +184,30 @@ def test_signalled_job_checkpoints_requeues_and_resumes(slurm_env, data, referen
         reference[-1]["loss"], rel=1e-6)
 
 
-def test_hydra_sweep_through_submitit_slurm(slurm_env, data, tmp_path):
+def run_sweep(launcher: str, data: Path, tmp_path: Path, env: dict[str, str]) -> Path:
+    """A 2-point Hydra multirun over train.seed; checks each point trained its own seed."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "launcher.train", "--multirun", "hydra/launcher=submitit_slurm",
+    cmd = [sys.executable, "-m", "launcher.train", "--multirun", f"hydra/launcher={launcher}",
            f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10", "train.seed=1,2",
-           f"run.dir={tmp_path}/seed_${{train.seed}}", *common_overrides(data), "train.steps=5"]
-    result = subprocess.run(cmd, cwd=tmp_path, env=slurm_env, capture_output=True, text=True, timeout=240)
+           f"run.dir={tmp_path}/seed_${{train.seed}}", *common_overrides(data), "train.steps=3"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     finals = []
     for seed in (1, 2):
         summary = json.loads((tmp_path / f"seed_{seed}" / "summary.json").read_text())
-        assert summary["steps"] == 5
+        assert summary["steps"] == 3
         finals.append(summary["final_loss"])
     assert finals[0] != finals[1], "both sweep points ran the same seed"
+    return sweep
+
+
+def test_hydra_sweep_through_submitit_slurm(slurm_env, data, tmp_path):
+    sweep = run_sweep("submitit_slurm", data, tmp_path, slurm_env)
     # One SLURM job (an array task) per sweep point, each with a result written by submitit.
     assert len(list((sweep / ".submitit").glob("*_[01]/*_result.pkl"))) == 2
+
+
+def test_hydra_sweep_through_submitit_local(data, tmp_path):
+    """The same sweep as local processes on one machine: no SLURM needed."""
+    sweep = run_sweep("submitit_local", data, tmp_path, dict(os.environ))
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2
