@@ -95,4 +95,16 @@ def build_engine(cfg: Config, layout: Layout, mesh: Mesh, device: torch.device):
     mpu = None if cfg.parallel.pp > 1 else mesh
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=mpu, dist_init_required=False)
+    _keep_fp32_grad_norm(engine)
     return engine, ds_config
+
+
+def _keep_fp32_grad_norm(engine) -> None:
+    """Without ZeRO and bf16, DeepSpeed computes the norm to clip by, then drops it: keep it for the metrics."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record() -> None:
+        engine._global_grad_norm = clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(),
+                                                   mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_record

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.distributed.harness import run_ranks
-from tests.distributed.workloads import TINY, engine_losses, make_config, model_gradients
+from tests.distributed.workloads import TINY, assert_same_curve, engine_losses, make_config, model_gradients
 
 GPT2_STYLE = dict(TINY, norm="layernorm", position="learned", activation="gelu", bias=True, tie_embeddings=True)
 
@@ -38,6 +38,7 @@ def test_activation_checkpointing_gives_identical_gradients_under_tp_and_sp():
 def _cfg(**parallel):
     checkpointing = parallel.pop("checkpointing", "none")
     return make_config(train=dict(precision="fp32", micro_batch_size=2, global_batch_size=8, seq_len=32,
+                                  grad_clip=0.05,  # clipping on: a double-counted norm changes updates
                                   activation_checkpointing=checkpointing), parallel=parallel)
 
 
@@ -50,17 +51,17 @@ def single_process_losses():
 def test_dp2_loss_curve_matches_single_process(single_process_losses, zero_stage):
     losses = run_ranks(2, engine_losses, _cfg(zero_stage=zero_stage), 4)
     assert losses[0] == losses[1]
-    assert losses[0] == pytest.approx(single_process_losses, rel=1e-5)
+    assert_same_curve(losses[0], single_process_losses)
 
 
 def test_tp2_with_sequence_parallel_and_checkpointing_matches_single_process(single_process_losses):
     losses = run_ranks(2, engine_losses, _cfg(tp=2, zero_stage=1, sequence_parallel=True,
                                               checkpointing="selective"), 4)
-    assert losses[0] == pytest.approx(single_process_losses, rel=1e-5)
+    assert_same_curve(losses[0], single_process_losses)
 
 
 def test_tp2_dp2_zero3_matches_single_process(single_process_losses):
     """ZeRO-3 must partition over the DP group only; partitioning over the world mixes TP shards."""
     losses = run_ranks(4, engine_losses, _cfg(tp=2, zero_stage=3, checkpointing="full"), 4)
     assert all(rank_losses == losses[0] for rank_losses in losses)
-    assert losses[0] == pytest.approx(single_process_losses, rel=1e-5)
+    assert_same_curve(losses[0], single_process_losses)

@@ -6,11 +6,12 @@ from megatrain.config import ConfigError, validate
 from megatrain.parallel.pipeline import bubble_fraction, stage_boundaries
 from tests.distributed.harness import run_ranks
 from tests.distributed.test_parallel_equivalence import GPT2_STYLE
-from tests.distributed.workloads import TINY, engine_losses, make_config
+from tests.distributed.workloads import TINY, assert_same_curve, engine_losses, make_config
 
 
 def _cfg(model=TINY, checkpointing="none", **parallel):
     return make_config(model, train=dict(precision="fp32", micro_batch_size=2, global_batch_size=8, seq_len=32,
+                                         grad_clip=0.05,  # clipping on: a double-counted norm changes updates
                                          activation_checkpointing=checkpointing), parallel=parallel)
 
 
@@ -48,7 +49,7 @@ def reference():
 def test_pp2_with_checkpointing_matches_single_process(reference, model, name):
     losses = run_ranks(2, engine_losses, _cfg(model, checkpointing="full", pp=2, zero_stage=1), 3)
     assert losses[0] == losses[1]
-    assert losses[0] == pytest.approx(reference[name], rel=1e-5)
+    assert_same_curve(losses[0], reference[name])
 
 
 @pytest.mark.parametrize("parallel", [dict(pp=2, tp=2), dict(pp=2, tp=2, sequence_parallel=True),
@@ -56,4 +57,4 @@ def test_pp2_with_checkpointing_matches_single_process(reference, model, name):
 def test_four_rank_3d_layouts_match_single_process(reference, parallel):
     losses = run_ranks(4, engine_losses, _cfg(**parallel), 3)
     assert all(rank_losses == losses[0] for rank_losses in losses)
-    assert losses[0] == pytest.approx(reference["llama"], rel=1e-5)
+    assert_same_curve(losses[0], reference["llama"])

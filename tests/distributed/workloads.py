@@ -29,8 +29,8 @@ def make_config(model: dict | None = None, **sections) -> Config:
     return cfg
 
 
-def engine_losses(rank: int, cfg: Config, steps: int) -> list[float]:
-    """Train `steps` steps through DeepSpeed on synthetic data; the global-batch loss per step."""
+def engine_losses(rank: int, cfg: Config, steps: int) -> dict[str, list[float]]:
+    """Train `steps` steps through DeepSpeed on synthetic data; global-batch loss and grad norm per step."""
     from megatrain.engine.build import build_engine, init_distributed
     from megatrain.engine.step import train_step
 
@@ -41,7 +41,7 @@ def engine_losses(rank: int, cfg: Config, steps: int) -> list[float]:
     engine, _ = build_engine(cfg, layout, mesh, device)
     data = synthetic_batches(steps, layout.global_batch_size, cfg.train.seq_len, cfg.model.vocab_size)
     per_rank = layout.micro_batch_size * layout.grad_accum
-    losses = []
+    curve: dict[str, list[float]] = {"loss": [], "grad_norm": []}
     for step in range(steps):
         mine = iter(data[step, mesh.dp_rank * per_rank:(mesh.dp_rank + 1) * per_rank].split(layout.micro_batch_size))
 
@@ -49,8 +49,17 @@ def engine_losses(rank: int, cfg: Config, steps: int) -> list[float]:
             micro = next(mine)
             return {"input_ids": micro[:, :-1], "labels": micro[:, 1:]}
 
-        losses.append(train_step(engine, next_batch, layout.grad_accum, device, mesh.dp_group)[0])
-    return losses
+        curve["loss"].append(train_step(engine, next_batch, layout.grad_accum, device, mesh.dp_group)[0])
+        curve["grad_norm"].append(float(engine.get_global_grad_norm()))
+    return curve
+
+
+def assert_same_curve(curve: dict[str, list[float]], reference: dict[str, list[float]], rel: float = 1e-5) -> None:
+    """Losses and gradient norms (each element counted once, however it is sharded) agree step by step."""
+    for key in ("loss", "grad_norm"):
+        assert len(curve[key]) == len(reference[key])
+        for step, (value, expected) in enumerate(zip(curve[key], reference[key])):
+            assert abs(value - expected) <= rel * abs(expected), f"{key} at step {step}: {value} != {expected}"
 
 
 def model_gradients(rank: int, model_kw: dict, tp: int, sp: bool, checkpointing: str = "none") -> dict:
