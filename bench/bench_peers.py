@@ -1,0 +1,201 @@
+"""Training throughput vs peers on one workload: megatrain, a plain PyTorch loop, HF Trainer + DeepSpeed ZeRO-3.
+
+    python bench/bench_peers.py [--repeats 3] [--steps 25] [--warmup 5] [--only plain,hf,mt1,mt2]
+
+Workload: LLaMA-style 8 layers x 512 hidden (8 heads, SwiGLU 1408), vocab 8192, seq 512, bf16,
+AdamW, global batch 8 sequences. Runs alternate (plain, hf, mt1, mt2, plain, ...); each reports
+tokens/s over the steps after warm-up, the time from launch to the end of the first step, and
+the peak RSS per rank. Prints a markdown table (medians) for docs/benchmarks.md.
+megatrain reads data/bench8k (`python -m launcher.prepare ... prepare.output=data/bench8k`); the
+peers train on random token ids of the same shape (throughput does not depend on the values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPE = dict(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, ffn_hidden=1408, max_seq_len=512)
+SEQ, GLOBAL_BATCH, PEAK_FLOPS = 512, 8, 1.8e12  # the measured bf16 matmul peak of these 2 cores
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=SHAPE["vocab_size"], hidden_size=SHAPE["d_model"], num_hidden_layers=SHAPE["n_layers"],
+        num_attention_heads=SHAPE["n_heads"], intermediate_size=SHAPE["ffn_hidden"],
+        max_position_embeddings=SEQ, tie_word_embeddings=False, attn_implementation="sdpa"))
+
+
+def _report(times: list[float], first_s: float, tokens_per_step: int, warmup: int) -> None:
+    timed = times[warmup:]
+    print("BENCH " + json.dumps({"tokens_per_s": tokens_per_step * len(timed) / sum(timed),
+                                 "first_step_s": first_s,
+                                 "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}),
+          flush=True)
+
+
+def plain_worker(steps: int, warmup: int) -> None:
+    """One process, bf16 autocast, fused AdamW: the floor any framework should match."""
+    import torch
+
+    model = _llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    ids = torch.randint(0, SHAPE["vocab_size"], (GLOBAL_BATCH, SEQ))
+    times, first = [], 0.0
+    for step in range(steps):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+        if step == 0:
+            first = time.time() - float(os.environ["BENCH_T0"])
+    _report(times, first, GLOBAL_BATCH * SEQ, warmup)
+
+
+def hf_worker(steps: int, warmup: int) -> None:
+    """HF Trainer + DeepSpeed ZeRO-3 (bf16, torch AdamW), one rank per process under torchrun."""
+    import deepspeed.ops
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # a 40 s compile training never uses
+    world = int(os.environ["WORLD_SIZE"])
+
+    class Ids(torch.utils.data.Dataset):
+        def __len__(self):
+            return steps * GLOBAL_BATCH
+
+        def __getitem__(self, i):
+            ids = torch.randint(0, SHAPE["vocab_size"], (SEQ,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times, self.first, self.last = [], 0.0, None
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.last)
+            if len(self.times) == 1:
+                self.first = time.time() - float(os.environ["BENCH_T0"])
+
+    ds = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True},
+          "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "torch_adam": True, "fused": True}},
+          "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+          "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=GLOBAL_BATCH // world,
+                             max_steps=steps, learning_rate=3e-4, bf16=True, deepspeed=ds, report_to=[],
+                             save_strategy="no", logging_strategy="no", dataloader_num_workers=0, disable_tqdm=True,
+                             use_cpu=True)
+    clock = Clock()
+    Trainer(model=_llama(), args=args, train_dataset=Ids(), callbacks=[clock]).train()
+    if int(os.environ["RANK"]) == 0:
+        _report(clock.times, clock.first, GLOBAL_BATCH * SEQ, warmup)
+
+
+def _env(threads: int) -> dict[str, str]:
+    return dict(os.environ, BENCH_T0=str(time.time()), OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu",
+                PYTHONWARNINGS="ignore::FutureWarning", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+
+
+def _worker_run(cmd: list[str], threads: int) -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(threads), cwd=ROOT)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("BENCH ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][6:])
+
+
+def megatrain_cmd(world: int, steps: int, run_dir: str, extra: list[str]) -> list[str]:
+    launch = ([sys.executable, "-m", "launcher.train"] if world == 1 else
+              ["torchrun", "--standalone", f"--nproc_per_node={world}", "-m", "launcher.train"])
+    model = [f"model.{k}={v}" for k, v in SHAPE.items()]
+    return [*launch, "model=small", "model.name=bench", "model.n_kv_heads=8", *model, "data.path=data/bench8k",
+            f"train.seq_len={SEQ}", f"train.micro_batch_size={GLOBAL_BATCH // world}",
+            f"train.global_batch_size={GLOBAL_BATCH}", f"train.steps={steps}", "train.precision=bf16",
+            "train.eval_interval=0", "train.save_interval=0", "train.resume=none", "parallel.zero_stage=1",
+            "logging.wandb_mode=disabled", "logging.progress=false", f"run.dir={run_dir}", *extra]
+
+
+def megatrain_run(world: int, steps: int, warmup: int, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as run_dir:
+        t0 = time.time()
+        proc = subprocess.Popen(megatrain_cmd(world, steps, run_dir, extra), cwd=ROOT, env=_env(2 // world),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        metrics, first = Path(run_dir) / "metrics.jsonl", None
+        while proc.poll() is None:
+            if first is None and metrics.exists() and metrics.stat().st_size:
+                first = time.time() - t0
+            time.sleep(0.05)
+        log = proc.stdout.read()
+        if proc.returncode:
+            raise RuntimeError(f"megatrain failed:\n{log[-3000:]}")
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()][warmup:]
+        return {"tokens_per_s": GLOBAL_BATCH * SEQ * len(rows) / sum(r["step_time_s"] for r in rows),
+                "first_step_s": first, "peak_rss_gb": max(r.get("mem_peak_rss_gb", 0.0) for r in rows)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--only", default="plain,hf,mt1,mt2")
+    ap.add_argument("--megatrain", default="", help="extra overrides for megatrain, e.g. train.compile=true")
+    ap.add_argument("--worker", choices=["plain", "hf"])
+    a = ap.parse_args()
+    if a.worker == "plain":
+        return plain_worker(a.steps, a.warmup)
+    if a.worker == "hf":
+        return hf_worker(a.steps, a.warmup)
+    me = [sys.executable, __file__, f"--steps={a.steps}", f"--warmup={a.warmup}"]
+    runs = {
+        "plain": lambda: _worker_run([*me, "--worker=plain"], 2),
+        "hf": lambda: _worker_run(["torchrun", "--standalone", "--nproc_per_node=2", __file__,
+                                   f"--steps={a.steps}", f"--warmup={a.warmup}", "--worker=hf"], 1),
+        "mt1": lambda: megatrain_run(1, a.steps, a.warmup, a.megatrain.split()),
+        "mt2": lambda: megatrain_run(2, a.steps, a.warmup, a.megatrain.split()),
+    }
+    names = a.only.split(",")
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(a.repeats):
+        for name in names:
+            load = os.getloadavg()[0]  # other work on the machine: these 2 cores may be shared
+            results[name].append({**runs[name](), "load": load})
+            print(f"run {r} {name}: {results[name][-1]}", file=sys.stderr, flush=True)
+    from megatrain.config import ModelConfig
+    from megatrain.scaling.flops import training_flops_per_token
+
+    flops = training_flops_per_token(ModelConfig(**SHAPE, n_kv_heads=8), SEQ)
+    med = {n: {k: statistics.median(x[k] for x in results[n]) for k in results[n][0]} for n in names}
+    print("| run | tokens/s (median) | runs | MFU vs 1.8 TFLOP/s | first step (s) | peak RSS/rank (GB) | load |")
+    print("|---|---|---|---|---|---|---|")
+    for n in names:
+        m = med[n]
+        runs_s = ", ".join(f"{x['tokens_per_s']:,.0f}" for x in results[n])
+        print(f"| {n} | {m['tokens_per_s']:,.0f} | {runs_s} | {m['tokens_per_s'] * flops / PEAK_FLOPS:.1%} | "
+              f"{m['first_step_s']:.1f} | {m['peak_rss_gb']:.2f} | {m['load']:.1f} |")
+    for a_, b_ in (("mt1", "plain"), ("mt2", "hf")):
+        if a_ in med and b_ in med:
+            print(f"\n{a_} / {b_}: {med[a_]['tokens_per_s'] / med[b_]['tokens_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

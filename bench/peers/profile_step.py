@@ -1,0 +1,85 @@
+"""Where one training step's time goes: megatrain's engine vs the plain loop, same workload, one process.
+
+    python bench/peers/profile_step.py [--steps 3] [--rows 15]
+
+Times forward / backward / optimizer with wall clocks, then prints torch.profiler's top operators
+by self CPU time for each. The workload is bench/bench_peers.py's (SHAPE, SEQ, GLOBAL_BATCH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_peers import GLOBAL_BATCH, SEQ, SHAPE, _llama  # noqa: E402
+
+
+def megatrain_step():
+    from megatrain.config import Config, ModelConfig, validate
+    from megatrain.engine.build import build_engine, init_distributed
+    from megatrain.parallel.mesh import Mesh
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29613")
+    cfg = Config(model=ModelConfig(**SHAPE, n_kv_heads=8))
+    cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.precision = SEQ, GLOBAL_BATCH, "bf16"
+    layout = validate(cfg, 1)
+    init_distributed(torch.device("cpu"))
+    engine, _ = build_engine(cfg, layout, Mesh.build(1, 1), torch.device("cpu"))
+    ids = torch.randint(0, SHAPE["vocab_size"], (GLOBAL_BATCH, SEQ + 1))
+    return (lambda: engine(ids[:, :-1], ids[:, 1:])), engine.backward, engine.step
+
+
+def plain_step():
+    model = _llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    ids = torch.randint(0, SHAPE["vocab_size"], (GLOBAL_BATCH, SEQ))
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(input_ids=ids, labels=ids).loss
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return forward, lambda loss: loss.backward(), step
+
+
+def run(name: str, parts, steps: int, rows: int) -> None:
+    forward, backward, step = parts
+    for _ in range(2):  # warm-up
+        backward(forward())
+        step()
+    clocks = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            t = time.perf_counter()
+            loss = forward()
+            clocks["forward"] += time.perf_counter() - t
+            t = time.perf_counter()
+            backward(loss)
+            clocks["backward"] += time.perf_counter() - t
+            t = time.perf_counter()
+            step()
+            clocks["optimizer"] += time.perf_counter() - t
+    total = sum(clocks.values())
+    print(f"\n## {name}: {steps * GLOBAL_BATCH * SEQ / total:,.0f} tokens/s under the profiler; "
+          + ", ".join(f"{k} {v / steps:.2f} s ({v / total:.0%})" for k, v in clocks.items()))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=15)
+    a = ap.parse_args()
+    run("plain loop (autocast bf16)", plain_step(), a.steps, a.rows)
+    run("megatrain engine (DeepSpeed bf16, ZeRO-1, dp=1)", megatrain_step(), a.steps, a.rows)
