@@ -12,14 +12,7 @@ import time
 
 import torch
 
-# Dense (no sparsity) peak FLOP/s by precision, from the vendors' datasheets (SXM parts).
-GPU_PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "fp32": 67e12},
-    "H100": {"bf16": 989e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "fp32": 19.5e12},
-    "L40S": {"bf16": 362e12, "fp32": 91.6e12},
-    "A10": {"bf16": 125e12, "fp32": 31.2e12},
-}
+from megatrain.plan import PEAK_FLOPS  # the one table of datasheet peaks
 
 
 def measure_matmul_flops(dtype: torch.dtype, device: torch.device, size: int = 1024, seconds: float = 0.3) -> float:
@@ -40,7 +33,7 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
     """(peak FLOP/s per device, where the figure comes from)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peaks in GPU_PEAK_FLOPS.items():
+        for key, peaks in PEAK_FLOPS.items():
             if key in name:
                 return peaks[precision], f"{key} datasheet"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
