@@ -133,3 +133,23 @@ def test_init_from_a_different_model_names_the_keys_that_differ(gpt2_export, tin
 def test_models_hugging_face_cannot_represent_fail_naming_the_key(model, key):
     with pytest.raises(ValueError, match=key):
         architecture(ModelConfig(**model))
+
+
+def test_tied_pp2_checkpoint_resumes_in_one_process_and_exports_with_the_same_logits(tiny_data, tmp_path):
+    """A pipeline checkpoint holds the tied embedding on two stages; it is one parameter elsewhere."""
+    pp_run, one = tmp_path / "pp2", tmp_path / "one"
+    args = (*ARGS, *GPT2, f"data.path={tiny_data}", "train.steps=4")
+    result = cli("launcher.train", *args, f"run.dir={pp_run}", "train.save_interval=2", "parallel.pp=2",
+                 launcher=torchrun(2))
+    assert result.returncode == 0, result.stderr
+    shutil.copytree(pp_run / "checkpoints" / "step_00000002", one / "checkpoints" / "step_00000002")
+    result = cli("launcher.train", *args, f"run.dir={one}")
+    assert result.returncode == 0, result.stderr
+    assert "loading its portable copy" in result.stderr
+    reference = {step: loss for step, loss in losses(pp_run).items() if step > 2}
+    assert losses(one).keys() == reference.keys()
+    for step, loss in losses(one).items():
+        assert loss == pytest.approx(reference[step], rel=1e-5), step
+    out = tmp_path / "hf"
+    _export((f"run.dir={pp_run}",), out)
+    _assert_same_logits(pp_run / "checkpoints" / "step_00000004", out, "GPT2LMHeadModel")
