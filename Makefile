@@ -46,4 +46,4 @@ lint:
 	$(PYTHON) -m ruff check .
 
 clean:
-	rm -rf runs multirun data/demo
+	rm -rf runs multirun data/demo data/demo512

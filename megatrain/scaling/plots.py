@@ -59,6 +59,7 @@ def frontier(points: list[Point], fits: dict, path: Path) -> Path:
         grid = np.geomspace(c.min(), c.max(), 50)
         ax.plot(grid, [a3.loss(*a3.optimal(x)) for x in grid], "k--", label="L(N_opt, D_opt) (approach 3)")
     ax.set(xscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="final loss", title="Loss vs compute")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short spans
     ax.legend(fontsize=8)
     return _save(fig, path)
 
