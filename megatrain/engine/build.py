@@ -78,7 +78,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def build_engine(cfg: Config, layout: Layout, mesh: Mesh, device: torch.device):
-    """(DeepSpeed engine, DeepSpeed config dict)."""
+    """The DeepSpeed engine around this rank's model (or pipeline stage) and optimizer."""
     import deepspeed
 
     ds_config = deepspeed_config(cfg, layout)
@@ -96,7 +96,7 @@ def build_engine(cfg: Config, layout: Layout, mesh: Mesh, device: torch.device):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=mpu, dist_init_required=False)
     _keep_fp32_grad_norm(engine)
-    return engine, ds_config
+    return engine
 
 
 def _keep_fp32_grad_norm(engine) -> None:

@@ -28,7 +28,6 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
-        "checkpoint": {"load_universal": False},
     }
     if cfg.parallel.pp > 1:
         # DeepSpeed sends 1/tp of each activation between stages and all-gathers it, assuming TP ranks

@@ -94,7 +94,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     init_distributed(device)
     mesh = Mesh.build(cfg.parallel.tp, cfg.parallel.pp)
     torch.manual_seed(cfg.train.seed)
-    engine, _ = build_engine(cfg, layout, mesh, device)
+    engine = build_engine(cfg, layout, mesh, device)
     loader = build_loader(cfg, split="train", seq_len=cfg.train.seq_len, micro_batch_size=layout.micro_batch_size,
                           dp_rank=mesh.dp_rank, dp_size=mesh.dp, seed=cfg.train.seed)
 

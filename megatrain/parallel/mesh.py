@@ -21,7 +21,6 @@ class Mesh:
     tp_group: dist.ProcessGroup | None = field(default=None, repr=False)
     dp_group: dist.ProcessGroup | None = field(default=None, repr=False)
     pp_group: dist.ProcessGroup | None = field(default=None, repr=False)
-    mp_group: dist.ProcessGroup | None = field(default=None, repr=False)  # TP x PP: one model replica
 
     @property
     def world(self) -> int:
@@ -65,8 +64,6 @@ class Mesh:
         for d in r(mesh.dp):
             for t in r(tp):
                 mesh._keep("pp_group", dist.new_group([mesh.rank_of(p, d, t) for p in r(pp)]))
-        for d in r(mesh.dp):
-            mesh._keep("mp_group", dist.new_group([mesh.rank_of(p, d, t) for p in r(pp) for t in r(tp)]))
         return mesh
 
     def _keep(self, name: str, group: dist.ProcessGroup) -> None:

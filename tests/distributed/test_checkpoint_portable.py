@@ -22,7 +22,7 @@ def _engine(cfg: Config):
     layout = validate(cfg, int(__import__("os").environ["WORLD_SIZE"]))
     init_distributed(torch.device("cpu"))
     mesh = Mesh.build(cfg.parallel.tp, cfg.parallel.pp)
-    engine, _ = build_engine(cfg, layout, mesh, torch.device("cpu"))
+    engine = build_engine(cfg, layout, mesh, torch.device("cpu"))
     return engine, layout, mesh
 
 

@@ -38,7 +38,7 @@ def engine_losses(rank: int, cfg: Config, steps: int) -> dict[str, list[float]]:
     device = torch.device("cpu")
     init_distributed(device)
     mesh = Mesh.build(cfg.parallel.tp, cfg.parallel.pp)
-    engine, _ = build_engine(cfg, layout, mesh, device)
+    engine = build_engine(cfg, layout, mesh, device)
     data = synthetic_batches(steps, layout.global_batch_size, cfg.train.seq_len, cfg.model.vocab_size)
     per_rank = layout.micro_batch_size * layout.grad_accum
     curve: dict[str, list[float]] = {"loss": [], "grad_norm": []}
