@@ -49,6 +49,10 @@ def config(files: list[Path], out: Path, tokenizer: str | None) -> Config:
     return cfg
 
 
+def prepare_config(cfg: Config) -> Path:
+    return prepare(cfg.prepare, cfg.tokenizer, progress=False)
+
+
 def timed(fn, *args):
     start = time.perf_counter()
     result = fn(*args)
@@ -56,7 +60,7 @@ def timed(fn, *args):
 
 
 def loader_rate(cfg: Config, seconds: float, **kw) -> float:
-    ld = build_loader(cfg, split="train", seed=0, **kw)
+    ld = build_loader(cfg.data, split="train", seed=0, **kw)
     tokens, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         tokens += ld.next_batch()["input_ids"].numel()
@@ -93,14 +97,14 @@ def main() -> None:
         work = Path(tmp)
         files = corpus(work, args.repeat)
         mb = sum(f.stat().st_size for f in files) / 1e6
-        _, train_s = timed(prepare, config(files[:42], work / "tok", None))  # tokenizer trained once
+        _, train_s = timed(prepare_config, config(files[:42], work / "tok", None))  # tokenizer trained once
         tok_path = str(work / "tok" / "tokenizer.json")
         tok = for_encoding(load_tokenizer(tok_path))
         texts = [f.read_text() for f in files]
         # The machine is shared: interleave the contenders and keep each one's best of --trials.
         prep_s = batch_s = fast_s = float("inf")
         for _ in range(args.trials):
-            out, t = timed(prepare, config(files, work / "out", tok_path))
+            out, t = timed(prepare_config, config(files, work / "out", tok_path))
             prep_s = min(prep_s, t)
             encs, t = timed(lambda: tok.encode_batch(texts, add_special_tokens=False))
             batch_s = min(batch_s, t)

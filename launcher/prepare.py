@@ -9,7 +9,8 @@ from megatrain.config import to_config
 def _prepare(cfg) -> None:
     from megatrain.data.preprocess import prepare
 
-    prepare(to_config(cfg))
+    config = to_config(cfg)
+    prepare(config.prepare, config.tokenizer, progress=config.logging.progress)
 
 
 main = hydra_main(_prepare)

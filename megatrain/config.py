@@ -8,7 +8,7 @@ parallel layout, model shape) and derives the values that must never be typed tw
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -19,7 +19,8 @@ class ConfigError(ValueError):
     """A config value that cannot run; the message names the key and what is allowed."""
 
 
-def _choice(key: str, value: Any, allowed: tuple) -> None:
+def check_choice(key: str, value: Any, allowed: tuple) -> None:
+    """Raise a ConfigError naming `key` unless `value` is one of `allowed`."""
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
 
@@ -67,7 +68,7 @@ class ParallelConfig:
     pp: int = 1
     zero_stage: int = 1
     sequence_parallel: bool = False
-    # Blocks per pipeline stage, e.g. [5, 6, 5]; None balances by parameter count.
+    # Blocks per pipeline stage, e.g. [5, 6, 5]; None balances training FLOPs (parallel/stages.py).
     pp_split: Optional[List[int]] = None
 
 
@@ -230,15 +231,31 @@ def register_configs() -> None:
 
 @dataclass(frozen=True)
 class Layout:
-    """Sizes derived from the config and the world size; computed once, never typed."""
+    """How the world is split and the batch that follows from it: derived once by `validate`, never typed.
 
-    world: int
-    tp: int
-    pp: int
-    dp: int
-    grad_accum: int
-    global_batch_size: int
-    micro_batch_size: int
+    World = PP x DP x TP, TP innermost. The mesh (parallel/mesh.py) builds its process groups from
+    it, the planner reports it and every checkpoint records it.
+    """
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    zero_stage: int = 0
+    sequence_parallel: bool = False
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.dp
+
+    def record(self) -> dict[str, Any]:
+        """The layout as checkpoints and summaries store it (derived sizes included, for readers)."""
+        return {**asdict(self), "world": self.world, "global_batch_size": self.global_batch_size}
 
 
 def to_config(cfg: DictConfig | Config) -> Config:
@@ -248,69 +265,73 @@ def to_config(cfg: DictConfig | Config) -> Config:
     return OmegaConf.to_object(cfg)
 
 
-def validate_model(m: ModelConfig, tp: int = 1) -> None:
-    _choice("model.norm", m.norm, ("rmsnorm", "layernorm"))
-    _choice("model.position", m.position, ("rope", "learned"))
-    _choice("model.activation", m.activation, ("swiglu", "gelu"))
+def validate_model(model: ModelConfig, tp: int = 1) -> None:
+    check_choice("model.norm", model.norm, ("rmsnorm", "layernorm"))
+    check_choice("model.position", model.position, ("rope", "learned"))
+    check_choice("model.activation", model.activation, ("swiglu", "gelu"))
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-        if getattr(m, key) <= 0:
-            raise ConfigError(f"model.{key}={getattr(m, key)} must be positive")
-    if m.d_model % m.n_heads:
-        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
-    if m.position == "rope" and m.head_dim % 2:
-        raise ConfigError(f"RoPE needs an even head dim; d_model/n_heads={m.head_dim}")
-    if m.n_heads % m.kv_heads:
-        raise ConfigError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.kv_heads}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
-    for key, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads),
-                       ("model.ffn_hidden", m.ffn_dim), ("model.vocab_size", m.vocab_size)):
+        if getattr(model, key) <= 0:
+            raise ConfigError(f"model.{key}={getattr(model, key)} must be positive")
+    if model.d_model % model.n_heads:
+        raise ConfigError(f"model.d_model={model.d_model} must be divisible by model.n_heads={model.n_heads}")
+    if model.position == "rope" and model.head_dim % 2:
+        raise ConfigError(f"RoPE needs an even head dim; d_model/n_heads={model.head_dim}")
+    if model.n_heads % model.kv_heads:
+        raise ConfigError(f"model.n_heads={model.n_heads} must be divisible by model.n_kv_heads={model.kv_heads}")
+    if not 0.0 <= model.dropout < 1.0:
+        raise ConfigError(f"model.dropout={model.dropout} must be in [0, 1)")
+    for key, value in (("model.n_heads", model.n_heads), ("model.n_kv_heads", model.kv_heads),
+                       ("model.ffn_hidden", model.ffn_dim), ("model.vocab_size", model.vocab_size)):
         if value % tp:
             raise ConfigError(f"{key}={value} is not divisible by parallel.tp={tp}; "
                               f"tensor parallelism splits it evenly across ranks")
 
 
 def validate(cfg: Config, world_size: int) -> Layout:
-    """Check every relation between keys for a world of `world_size` ranks; derive the layout."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
+    """Check every relation between keys for a world of `world_size` ranks; derive the layout.
+
+    The one place that checks lengths, batch sizes and the parallel layout: everything that
+    can be known from the config fails here, before any process group exists.
+    """
+    model, par, train = cfg.model, cfg.parallel, cfg.train
     for key in ("tp", "pp"):
-        if getattr(p, key) < 1:
-            raise ConfigError(f"parallel.{key}={getattr(p, key)} must be >= 1")
-    validate_model(m, p.tp)
-    _choice("parallel.zero_stage", p.zero_stage, (0, 1, 2, 3))
-    _choice("train.precision", t.precision, ("bf16", "fp32"))
-    _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "selective"))
-    _choice("train.device", t.device, ("auto", "cpu", "cuda"))
-    _choice("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
-    _choice("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline", "disabled"))
-    if world_size % (p.tp * p.pp):
+        if getattr(par, key) < 1:
+            raise ConfigError(f"parallel.{key}={getattr(par, key)} must be >= 1")
+    validate_model(model, par.tp)
+    check_choice("parallel.zero_stage", par.zero_stage, (0, 1, 2, 3))
+    check_choice("train.precision", train.precision, ("bf16", "fp32"))
+    check_choice("train.activation_checkpointing", train.activation_checkpointing, ("none", "full", "selective"))
+    check_choice("train.device", train.device, ("auto", "cpu", "cuda"))
+    check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
+    check_choice("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline", "disabled"))
+    if world_size % (par.tp * par.pp):
         raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
-                          f"{p.tp} x {p.pp}; launch a multiple of {p.tp * p.pp} processes")
-    if p.pp > 1 and p.zero_stage > 1:
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline "
+                          f"{par.tp} x {par.pp}; launch a multiple of {par.tp * par.pp} processes")
+    if par.pp > 1 and par.zero_stage > 1:
+        raise ConfigError(f"parallel.zero_stage={par.zero_stage} with parallel.pp={par.pp}: DeepSpeed's pipeline "
                           "engine supports ZeRO-0/1 only; choose parallel.zero_stage=1 (optimizer states "
                           "sharded over DP) or parallel.pp=1 for ZeRO-2/3")
-    if p.pp > m.n_layers:
-        raise ConfigError(f"parallel.pp={p.pp} exceeds model.n_layers={m.n_layers}; each stage needs a block")
-    if p.pp_split is not None and (len(p.pp_split) != p.pp or sum(p.pp_split) != m.n_layers
-                                   or min(p.pp_split) < 1):
-        raise ConfigError(f"parallel.pp_split={list(p.pp_split)} must list parallel.pp={p.pp} block counts, "
-                          f"each >= 1, summing to model.n_layers={m.n_layers}")
-    if p.sequence_parallel and p.tp == 1:
+    if par.pp > model.n_layers:
+        raise ConfigError(f"parallel.pp={par.pp} exceeds model.n_layers={model.n_layers}; each stage needs a block")
+    if par.pp_split is not None and (len(par.pp_split) != par.pp or sum(par.pp_split) != model.n_layers
+                                     or min(par.pp_split) < 1):
+        raise ConfigError(f"parallel.pp_split={list(par.pp_split)} must list parallel.pp={par.pp} block counts, "
+                          f"each >= 1, summing to model.n_layers={model.n_layers}")
+    if par.sequence_parallel and par.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
-    if p.sequence_parallel and t.seq_len % p.tp:
-        raise ConfigError(f"train.seq_len={t.seq_len} must be divisible by parallel.tp={p.tp} "
+    if par.sequence_parallel and train.seq_len % par.tp:
+        raise ConfigError(f"train.seq_len={train.seq_len} must be divisible by parallel.tp={par.tp} "
                           "with sequence parallelism")
-    if t.seq_len > m.max_seq_len:
-        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if train.seq_len > model.max_seq_len:
+        raise ConfigError(f"train.seq_len={train.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
     for key in ("steps", "micro_batch_size", "seq_len", "log_interval"):
-        if getattr(t, key) <= 0:
-            raise ConfigError(f"train.{key}={getattr(t, key)} must be positive")
-    dp = world_size // (p.tp * p.pp)
-    per_step = t.micro_batch_size * dp
-    global_batch = t.global_batch_size or per_step
+        if getattr(train, key) <= 0:
+            raise ConfigError(f"train.{key}={getattr(train, key)} must be positive")
+    dp = world_size // (par.tp * par.pp)
+    per_step = train.micro_batch_size * dp
+    global_batch = train.global_batch_size or per_step
     if global_batch % per_step:
         raise ConfigError(f"train.global_batch_size={global_batch} is not a multiple of "
-                          f"train.micro_batch_size x DP = {t.micro_batch_size} x {dp} = {per_step}")
-    return Layout(world=world_size, tp=p.tp, pp=p.pp, dp=dp, grad_accum=global_batch // per_step,
-                  global_batch_size=global_batch, micro_batch_size=t.micro_batch_size)
+                          f"train.micro_batch_size x DP = {train.micro_batch_size} x {dp} = {per_step}")
+    return Layout(tp=par.tp, pp=par.pp, dp=dp, zero_stage=par.zero_stage, sequence_parallel=par.sequence_parallel,
+                  micro_batch_size=train.micro_batch_size, grad_accum=global_batch // per_step)

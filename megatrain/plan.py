@@ -18,18 +18,12 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, replace
 
-from megatrain.config import Config, ConfigError, ModelConfig, to_config, validate
+from megatrain import hardware
+from megatrain.config import Config, ConfigError, Layout, ModelConfig, to_config, validate
+from megatrain.parallel.stages import bubble_fraction, stage_layers
 from megatrain.scaling.flops import ParamCounts, param_counts, training_flops_per_token
 
 GB = 1e9
-# Dense peak FLOP/s per device by precision, vendors' datasheets (SXM parts).
-PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "fp32": 67e12},
-    "H100": {"bf16": 989e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "fp32": 19.5e12},
-    "L40S": {"bf16": 362e12, "fp32": 91.6e12},
-    "A10": {"bf16": 125e12, "fp32": 31.2e12},
-}
 # DeepSpeed's defaults, which megatrain's DeepSpeed config leaves unchanged.
 REDUCE_BUCKET = 500_000_000  # zero_optimization.reduce_bucket_size (elements)
 CHECKPOINTING = ("none", "selective", "full")
@@ -57,16 +51,12 @@ class Memory:
 
 @dataclass(frozen=True)
 class Plan:
-    tp: int
-    pp: int
-    dp: int
-    zero_stage: int
-    sequence_parallel: bool
+    layout: Layout
     checkpointing: str
-    micro_batch_size: int
-    grad_accum: int
     params: ParamCounts
-    params_per_rank: int  # parameters held by the largest TP/PP rank before ZeRO partitioning
+    stage_blocks: tuple[int, ...]  # blocks per pipeline stage, as the runtime cuts them
+    stage_params: tuple[int, ...]  # parameters per TP rank of each stage, before ZeRO partitioning
+    params_per_rank: int  # of the largest stage
     flops_per_token: float  # model FLOPs (6N + attention), recomputation not counted
     memory: Memory
     gpu_memory: float  # bytes
@@ -76,7 +66,7 @@ class Plan:
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.layout.world
 
     @property
     def fits(self) -> bool:
@@ -86,111 +76,107 @@ class Plan:
 # ---------------------------------------------------------------- parameters per rank
 
 
-def _block_and_norm(m: ModelConfig) -> tuple[int, int]:
+def _block_and_norm(model: ModelConfig) -> tuple[int, int]:
     """(parameters of one block, of one norm); derived from flops.param_counts, never recounted."""
-    norm = param_counts(replace(m, n_layers=0)).non_embedding  # the final norm alone
-    return param_counts(replace(m, n_layers=1)).non_embedding - norm, norm
+    norm = param_counts(replace(model, n_layers=0)).non_embedding  # the final norm alone
+    return param_counts(replace(model, n_layers=1)).non_embedding - norm, norm
 
 
-def _block_params_per_rank(m: ModelConfig, tp: int) -> int:
-    block, norm = _block_and_norm(m)
-    replicated = 2 * norm + (2 * m.d_model if m.bias else 0)  # norms and row-parallel biases
+def _block_params_per_rank(model: ModelConfig, tp: int) -> int:
+    block, norm = _block_and_norm(model)
+    replicated = 2 * norm + (2 * model.d_model if model.bias else 0)  # norms and row-parallel biases
     return (block - replicated) // tp + replicated
 
 
-def stage_layers(cfg: Config) -> list[int]:
-    """Blocks per pipeline stage: parallel.pp_split, or as even as possible (first stages get more)."""
-    pp, n = cfg.parallel.pp, cfg.model.n_layers
-    if cfg.parallel.pp_split:
-        if len(cfg.parallel.pp_split) != pp or sum(cfg.parallel.pp_split) != n:
-            raise ConfigError(f"parallel.pp_split={cfg.parallel.pp_split} must have {pp} entries summing to {n}")
-        return list(cfg.parallel.pp_split)
-    return [n // pp + (1 if s < n % pp else 0) for s in range(pp)]
+def blocks_per_stage(cfg: Config) -> list[int]:
+    """Blocks per pipeline stage, as the runtime cuts them (parallel/stages.py)."""
+    return stage_layers(cfg.model, cfg.parallel.pp, cfg.train.seq_len, cfg.parallel.pp_split)
 
 
 def stage_params(cfg: Config) -> list[int]:
     """Parameters held by one TP rank of each pipeline stage (embedding on the first, head on the last)."""
-    m, tp = cfg.model, cfg.parallel.tp
-    _, norm = _block_and_norm(m)
-    embed = m.vocab_size * m.d_model // tp + (m.max_seq_len * m.d_model if m.position == "learned" else 0)
-    head = norm + (0 if m.tie_embeddings else m.vocab_size * m.d_model // tp)
-    layers = stage_layers(cfg)
-    out = [n * _block_params_per_rank(m, tp) for n in layers]
+    model, tp = cfg.model, cfg.parallel.tp
+    _, norm = _block_and_norm(model)
+    table = model.vocab_size * model.d_model // tp
+    embed = table + (model.max_seq_len * model.d_model if model.position == "learned" else 0)
+    head = norm + (0 if model.tie_embeddings else table)
+    out = [blocks * _block_params_per_rank(model, tp) for blocks in blocks_per_stage(cfg)]
     out[0] += embed
     out[-1] += head
-    if m.tie_embeddings and len(out) > 1:
-        out[-1] += m.vocab_size * m.d_model // tp  # the last stage keeps its own copy of the tied table
+    if model.tie_embeddings and len(out) > 1:
+        out[-1] += table  # the last stage keeps its own copy of the tied table
     return out
 
 
 # ---------------------------------------------------------------- memory
 
 
-def _model_states(P: int, dp: int, zero: int, precision: str) -> tuple[float, float, float]:
-    """(weights, gradients, optimizer) bytes for P parameters on one rank."""
-    w = 2 if precision == "bf16" else 4
+def _model_states(params: int, dp: int, zero: int, precision: str) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer) bytes for `params` parameters on one rank."""
+    width = 2 if precision == "bf16" else 4
     if zero == 0:  # bf16: DeepSpeed's FP16_Optimizer, fp32 master + Adam; fp32: plain AdamW
-        return w * P, w * P, (12 if precision == "bf16" else 8) * P
-    weights = w * P / (dp if zero == 3 else 1)
-    return weights, w * P / dp, 12 * P / dp
+        return width * params, width * params, (12 if precision == "bf16" else 8) * params
+    weights = width * params / (dp if zero == 3 else 1)
+    return weights, width * params / dp, 12 * params / dp
 
 
-def layer_activation_bytes(m: ModelConfig, tp: int, sp: bool, precision: str, checkpointing: str) -> float:
+def layer_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str, checkpointing: str) -> float:
     """Bytes autograd keeps per token for one block (without checkpointing, or with selective)."""
+    # Korthikanti et al.'s symbols: a bytes per activation element, h hidden size, r residual width here.
     a = 2 if precision == "bf16" else 4
-    h = m.d_model
+    h = model.d_model
     r = h / tp if sp else h  # the residual stream: sequence-sharded under SP
-    dq, dkv, f = m.n_heads * m.head_dim / tp, m.kv_heads * m.head_dim / tp, m.ffn_dim / tp
+    dq, dkv, f = model.n_heads * model.head_dim / tp, model.kv_heads * model.head_dim / tp, model.ffn_dim / tp
     # Norm: its fp32 input copy and normalised output (RMSNorm; LayerNorm keeps the input only).
-    norm = (8 if m.norm == "rmsnorm" else 4) * r
+    norm = (8 if model.norm == "rmsnorm" else 4) * r
     linear_in = a * h  # the input of q/k/v (and gate/up): the full sequence, gathered under SP
-    sdpa = a * (2 * dq + 2 * dkv) + 4 * m.n_heads / tp  # q, k, v, output, fp32 logsumexp
+    sdpa = a * (2 * dq + 2 * dkv) + 4 * model.n_heads / tp  # q, k, v, output, fp32 logsumexp
     if checkpointing == "selective":
         # Only the logsumexp goes: SDPA's output is o's saved input and q, k, v are saved anyway,
         # and SDPA never materialises the seq x seq scores that selective recomputation targets.
-        sdpa -= 4 * m.n_heads / tp
+        sdpa -= 4 * model.n_heads / tp
     attn = norm + linear_in + sdpa
-    mlp = norm + linear_in + (4 if m.activation == "swiglu" else 2) * a * f
-    dropout = 2 * r if m.dropout > 0 else 0  # bool masks of the two residual dropouts
+    mlp = norm + linear_in + (4 if model.activation == "swiglu" else 2) * a * f
+    dropout = 2 * r if model.dropout > 0 else 0  # bool masks of the two residual dropouts
     return attn + mlp + dropout
 
 
 def activation_bytes(cfg: Config, micro_batch: int, grad_accum: int, checkpointing: str) -> float:
     """Peak activation bytes on the first pipeline stage (it holds the most micro batches in flight)."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    tp, sp, a = p.tp, p.sequence_parallel, (2 if t.precision == "bf16" else 4)
-    tokens = micro_batch * t.seq_len
-    layer = layer_activation_bytes(m, tp, sp, t.precision, checkpointing)
-    layers = stage_layers(cfg)[0]
-    in_flight = min(p.pp, grad_accum)  # 1F1B: stage 0 holds pp micro batches
+    model, par, train = cfg.model, cfg.parallel, cfg.train
+    tp, sp, a = par.tp, par.sequence_parallel, (2 if train.precision == "bf16" else 4)
+    tokens = micro_batch * train.seq_len
+    layer = layer_activation_bytes(model, tp, sp, train.precision, checkpointing)
+    layers = blocks_per_stage(cfg)[0]
+    in_flight = min(par.pp, grad_accum)  # 1F1B: stage 0 holds pp micro batches
     if checkpointing == "full":
         # Each block keeps its input; backward recomputes one block at a time.
-        kept = layers * in_flight * a * (m.d_model / tp if sp else m.d_model) + layer
+        kept = layers * in_flight * a * (model.d_model / tp if sp else model.d_model) + layer
     else:
         kept = layers * in_flight * layer
-    head = sum(head_activation_bytes(m, tp, sp, t.precision)) if p.pp == 1 else 0.0  # else on the last stage
+    head = sum(head_activation_bytes(model, tp, sp, train.precision)) if par.pp == 1 else 0.0  # else on the last stage
     return tokens * (kept + head)
 
 
-def head_activation_bytes(m: ModelConfig, tp: int, sp: bool, precision: str) -> tuple[float, float]:
+def head_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str) -> tuple[float, float]:
     """(kept for backward, transient at the loss) bytes per token of the final norm, LM head and loss."""
     a = 2 if precision == "bf16" else 4
-    r, vocab = (m.d_model / tp if sp else m.d_model), m.vocab_size / tp
-    kept = (8 if m.norm == "rmsnorm" else 4) * r + a * m.d_model + 4 * vocab  # norm, head input, fp32 softmax
+    r, vocab = (model.d_model / tp if sp else model.d_model), model.vocab_size / tp
+    kept = (8 if model.norm == "rmsnorm" else 4) * r + a * model.d_model + 4 * vocab  # norm, head input, fp32 softmax
     # While the loss runs: the logits, their fp32 copy (bf16 only) and the shifted logits.
     return kept, (a + (4 if a == 2 else 0) + 4) * vocab
 
 
-def comm_buffer_bytes(cfg: Config, P: int, block_params: int, zero: int) -> float:
+def comm_buffer_bytes(cfg: Config, params: int, block_params: int, zero: int) -> float:
     """Gradient buckets (ZeRO-1/2/3) and ZeRO-3's gathered parameters."""
-    w = 2 if cfg.train.precision == "bf16" else 4
+    width = 2 if cfg.train.precision == "bf16" else 4
     if zero == 0:
         return 0.0
     # Gradients sit in reduce buckets (up to reduce_bucket_size elements) until they are reduced;
     # sized here by the gradients that fill them (DeepSpeed allocates the whole bucket at ZeRO-3).
-    bucket = min(P, REDUCE_BUCKET) * w
+    bucket = min(params, REDUCE_BUCKET) * width
     if zero == 3:
-        bucket += 2 * block_params * w  # the block being computed and the one prefetched
+        bucket += 2 * block_params * width  # the block being computed and the one prefetched
     return bucket
 
 
@@ -200,33 +186,40 @@ def comm_buffer_bytes(cfg: Config, P: int, block_params: int, zero: int) -> floa
 def _peak(cfg: Config) -> float:
     if cfg.plan.peak_tflops:
         return cfg.plan.peak_tflops * 1e12
-    if cfg.plan.gpu not in PEAK_FLOPS:
-        raise ConfigError(f"plan.gpu={cfg.plan.gpu!r} has no known peak; choose one of {', '.join(PEAK_FLOPS)} "
-                          "or set plan.peak_tflops")
-    return PEAK_FLOPS[cfg.plan.gpu][cfg.train.precision]
+    accelerator = hardware.by_name(cfg.plan.gpu)
+    if accelerator is None:
+        raise ConfigError(f"plan.gpu={cfg.plan.gpu!r} has no known peak; choose one of "
+                          f"{', '.join(hardware.names())} or set plan.peak_tflops")
+    peak = hardware.peak_flops(accelerator, cfg.train.precision)
+    if peak is None:
+        raise ConfigError(f"plan.gpu={cfg.plan.gpu} has no {cfg.train.precision} peak in megatrain's table; "
+                          "set plan.peak_tflops")
+    return peak
 
 
-def _step_time(cfg: Config, tp: int, pp: int, dp: int, zero: int, micro: int, accum: int, ckpt: str,
-               P: int) -> float:
-    m, t, pl = cfg.model, cfg.train, cfg.plan
-    a = 2 if t.precision == "bf16" else 4
-    world, tokens = tp * pp * dp, micro * accum * dp * t.seq_len
-    model_flops = tokens * training_flops_per_token(m, t.seq_len)
+def _step_time(cfg: Config, layout: Layout, checkpointing: str, params: int) -> float:
+    model, train, hw = cfg.model, cfg.train, cfg.plan
+    tp, pp, dp, micro, accum = layout.tp, layout.pp, layout.dp, layout.micro_batch_size, layout.grad_accum
+    act_bytes = 2 if train.precision == "bf16" else 4
+    tokens = layout.global_batch_size * train.seq_len
+    flops_per_token = training_flops_per_token(model, train.seq_len)
     recompute = {"none": 0.0, "full": 1 / 3,
-                 "selective": 4 * m.n_layers * t.seq_len * m.n_heads * m.head_dim
-                 / training_flops_per_token(m, t.seq_len)}[ckpt]
-    bubble = (pp - 1) / accum  # 1F1B: (pp - 1) idle micro-batch slots per accum micro batches
-    compute = model_flops * (1 + recompute) / (world * _peak(cfg) * pl.mfu) * (1 + bubble)
-    intra, inter = pl.intra_node_gbps * GB, pl.inter_node_gbps * GB
+                 "selective": 4 * model.n_layers * train.seq_len * model.n_heads * model.head_dim
+                 / flops_per_token}[checkpointing]
+    busy = 1 - bubble_fraction(pp, accum)  # 1F1B: pp - 1 idle micro-batch slots per step
+    compute = tokens * flops_per_token * (1 + recompute) / (layout.world * _peak(cfg) * hw.mfu) / busy
+    intra, inter = hw.intra_node_gbps * GB, hw.inter_node_gbps * GB
     # TP: 4 all-reduces (or all-gather + reduce-scatter) of [micro, seq, d] per block per micro
     # batch, on the critical path; +2 when blocks are recomputed.
-    ops = 4 + (2 if ckpt == "full" else 0)
-    tp_bytes = ops * (m.n_layers / pp) * accum * micro * t.seq_len * m.d_model * a
+    ops = 4 + (2 if checkpointing == "full" else 0)
+    tp_bytes = ops * (model.n_layers / pp) * accum * micro * train.seq_len * model.d_model * act_bytes
     tp_time = 2 * (tp - 1) / tp * tp_bytes / intra if tp > 1 else 0.0
     # DP: gradient reduction (+ parameter gathers at ZeRO-3, every micro batch), overlapped with backward.
-    g = (dp - 1) / dp
-    dp_bytes = {0: 2 * g * a * P, 1: 2 * g * a * P, 2: g * a * P * (accum + 1), 3: 3 * g * a * P * accum}[zero]
-    dp_bw = inter if tp * dp > pl.gpus_per_node else intra
+    ring = (dp - 1) / dp
+    grad_bytes = ring * act_bytes * params
+    dp_bytes = {0: 2 * grad_bytes, 1: 2 * grad_bytes, 2: grad_bytes * (accum + 1),
+                3: 3 * grad_bytes * accum}[layout.zero_stage]
+    dp_bw = inter if tp * dp > hw.gpus_per_node else intra
     exposed = max(0.0, dp_bytes / dp_bw - compute * 2 / 3) if dp > 1 else 0.0
     return compute + tp_time + exposed
 
@@ -237,25 +230,23 @@ def _step_time(cfg: Config, tp: int, pp: int, dp: int, zero: int, micro: int, ac
 def plan(cfg: Config, world_size: int | None = None) -> Plan:
     """The plan of `cfg` as configured, on `world_size` ranks (default: plan.num_gpus or tp x pp)."""
     cfg = to_config(cfg)
-    p, t = cfg.parallel, cfg.train
-    world = world_size or cfg.plan.num_gpus or p.tp * p.pp
+    train = cfg.train
+    world = world_size or cfg.plan.num_gpus or cfg.parallel.tp * cfg.parallel.pp
     layout = validate(cfg, world)
-    stages = stage_params(cfg)
-    P = max(stages)
-    weights, grads, optim = _model_states(P, layout.dp, p.zero_stage, t.precision)
-    block = _block_params_per_rank(cfg.model, p.tp)
+    per_stage = stage_params(cfg)
+    params = max(per_stage)
+    weights, grads, optim = _model_states(params, layout.dp, layout.zero_stage, train.precision)
+    block = _block_params_per_rank(cfg.model, layout.tp)
     memory = Memory(weights=weights, gradients=grads, optimizer=optim,
                     activations=activation_bytes(cfg, layout.micro_batch_size, layout.grad_accum,
-                                                 t.activation_checkpointing),
-                    comm_buffers=comm_buffer_bytes(cfg, P, block, p.zero_stage),
+                                                 train.activation_checkpointing),
+                    comm_buffers=comm_buffer_bytes(cfg, params, block, layout.zero_stage),
                     overhead=cfg.plan.overhead_gb * GB)
-    step = _step_time(cfg, p.tp, p.pp, layout.dp, p.zero_stage, layout.micro_batch_size, layout.grad_accum,
-                      t.activation_checkpointing, P)
-    tokens_per_step = layout.global_batch_size * t.seq_len
-    flops = training_flops_per_token(cfg.model, t.seq_len)
-    return Plan(tp=p.tp, pp=p.pp, dp=layout.dp, zero_stage=p.zero_stage, sequence_parallel=p.sequence_parallel,
-                checkpointing=t.activation_checkpointing, micro_batch_size=layout.micro_batch_size,
-                grad_accum=layout.grad_accum, params=param_counts(cfg.model), params_per_rank=P,
+    step = _step_time(cfg, layout, train.activation_checkpointing, params)
+    tokens_per_step = layout.global_batch_size * train.seq_len
+    flops = training_flops_per_token(cfg.model, train.seq_len)
+    return Plan(layout=layout, checkpointing=train.activation_checkpointing, params=param_counts(cfg.model),
+                stage_blocks=tuple(blocks_per_stage(cfg)), stage_params=tuple(per_stage), params_per_rank=params,
                 flops_per_token=flops, memory=memory, gpu_memory=cfg.plan.gpu_memory_gb * GB,
                 step_time_s=step, tokens_per_s=tokens_per_step / step,
                 mfu=tokens_per_step * flops / (step * world * _peak(cfg)))
@@ -289,11 +280,11 @@ def search(cfg: Config, num_gpus: int | None = None) -> list[Plan]:
                     train=replace(cfg.train, micro_batch_size=micro, global_batch_size=global_batch,
                                   activation_checkpointing=ckpt))
                 try:
-                    p = plan(candidate, n)
+                    candidate_plan = plan(candidate, n)
                 except ConfigError:
                     continue  # e.g. heads not divisible by tp, ZeRO-2/3 with pp > 1
-                if p.fits:
-                    found.append(p)
+                if candidate_plan.fits:
+                    found.append(candidate_plan)
     return sorted(found, key=lambda p: (-p.tokens_per_s, p.memory.total))
 
 
@@ -305,22 +296,23 @@ def _gb(x: float) -> str:
 
 
 def _layout(p: Plan) -> str:
-    sp = " sp" if p.sequence_parallel else ""
-    return (f"tp={p.tp}{sp} pp={p.pp} dp={p.dp} zero={p.zero_stage} ckpt={p.checkpointing} "
-            f"micro={p.micro_batch_size} x accum={p.grad_accum}")
+    layout = p.layout
+    sp = " sp" if layout.sequence_parallel else ""
+    return (f"tp={layout.tp}{sp} pp={layout.pp} dp={layout.dp} zero={layout.zero_stage} ckpt={p.checkpointing} "
+            f"micro={layout.micro_batch_size} x accum={layout.grad_accum}")
 
 
 def describe(p: Plan, cfg: Config) -> str:
     """The plan as the text `python -m launcher.plan` prints."""
     cfg = to_config(cfg)
-    m, t, mem = cfg.model, cfg.train, p.memory
-    per_stage = ", ".join(f"{n:,}" for n in stage_params(replace(
-        cfg, parallel=replace(cfg.parallel, tp=p.tp, pp=p.pp))))
+    train, mem = cfg.train, p.memory
+    per_stage = ", ".join(f"{n:,}" for n in p.stage_params)
+    blocks = ", ".join(map(str, p.stage_blocks))
     lines = [
-        f"model {m.name}: {p.params.total:,} parameters ({p.params.non_embedding:,} non-embedding)",
-        f"layout: {_layout(p)} on {p.world} x {cfg.plan.gpu} ({cfg.plan.gpu_memory_gb:g} GB), {t.precision}, "
-        f"seq {t.seq_len}, global batch {p.micro_batch_size * p.grad_accum * p.dp}",
-        f"parameters per TP rank of each pipeline stage: {per_stage}",
+        f"model {cfg.model.name}: {p.params.total:,} parameters ({p.params.non_embedding:,} non-embedding)",
+        f"layout: {_layout(p)} on {p.world} x {cfg.plan.gpu} ({cfg.plan.gpu_memory_gb:g} GB), {train.precision}, "
+        f"seq {train.seq_len}, global batch {p.layout.global_batch_size}",
+        f"blocks per pipeline stage: {blocks}; parameters per TP rank of each stage: {per_stage}",
         f"training FLOPs per token: {p.flops_per_token:.4g}",
         "memory per GPU (first pipeline stage):",
         f"  weights          {_gb(mem.weights)}",

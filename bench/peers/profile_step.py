@@ -62,7 +62,7 @@ def megatrain_step(variants: set[str] = frozenset()):
     cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.precision = SEQ, GLOBAL_BATCH, "bf16"
     layout = validate(cfg, 1)
     init_distributed(torch.device("cpu"))
-    engine = build_engine(cfg, layout, Mesh.build(1, 1), torch.device("cpu"))
+    engine = build_engine(cfg, Mesh.build(layout), torch.device("cpu"))
     ids = torch.randint(0, SHAPE["vocab_size"], (GLOBAL_BATCH, SEQ + 1))
     return (lambda: engine(ids[:, :-1], ids[:, 1:])), engine.backward, engine.step
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatrain.config import Config
+from megatrain.config import DataConfig, TokenizerConfig
 from megatrain.data.errors import DataError
-from megatrain.data.shards import Stream, check_tokenizer_file, open_split, read_manifest, verify_checksums
+from megatrain.data.manifest import read_manifest
+from megatrain.data.shards import Stream, check_tokenizer_file, open_split, verify_checksums
 from megatrain.data.tokenizer import load_tokenizer, special_ids, tokenizer_hash  # load_tokenizer: public API
 
 _MASK64 = (1 << 64) - 1
@@ -36,12 +37,12 @@ class DataInfo:
     valid_tokens: int
 
 
-def parse_blend(cfg: Config) -> list[tuple[str, float]]:
+def parse_blend(data: DataConfig) -> list[tuple[str, float]]:
     """(directory, weight) pairs from data.blend ("dir:weight"), or data.path alone; weights sum to 1."""
-    if not cfg.data.blend:
-        return [(cfg.data.path, 1.0)]
+    if not data.blend:
+        return [(data.path, 1.0)]
     pairs = []
-    for entry in cfg.data.blend:
+    for entry in data.blend:
         path, _, weight = str(entry).rpartition(":")
         try:
             w = float(weight)
@@ -55,24 +56,22 @@ def parse_blend(cfg: Config) -> list[tuple[str, float]]:
     return [(p, w / total) for p, w in pairs]
 
 
-def _valid_fraction(cfg: Config) -> float:
-    f = cfg.data.valid_fraction
+def _valid_fraction(data: DataConfig) -> float:
+    f = data.valid_fraction
     if not 0.0 <= f < 1.0:
         raise DataError(f"data.valid_fraction={f} must be in [0, 1)")
-    return 0.0 if cfg.data.valid_path else f
+    return 0.0 if data.valid_path else f
 
 
-def check_data(cfg: Config, hash_shards: bool = True) -> DataInfo:
+def check_data(data: DataConfig, tokenizer: TokenizerConfig, *, seq_len: int, model_vocab_size: int,
+               hash_shards: bool = True) -> DataInfo:
     """Everything about the data that can fail, checked before any process group exists.
 
     `hash_shards`: verify every shard's sha256 (cached per shard). One rank of a job does it; the
     others check sizes only, and a mismatch found by that rank stops the whole job.
     """
-    t, m = cfg.train, cfg.model
-    if t.seq_len > m.max_seq_len:
-        raise DataError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    fraction = _valid_fraction(cfg)
-    dirs = [p for p, _ in parse_blend(cfg)] + ([cfg.data.valid_path] if cfg.data.valid_path else [])
+    fraction = _valid_fraction(data)
+    dirs = [p for p, _ in parse_blend(data)] + ([data.valid_path] if data.valid_path else [])
     manifests = {d: read_manifest(d) for d in dirs}
     first = dirs[0]
     want = manifests[first]["tokenizer"]
@@ -83,29 +82,29 @@ def check_data(cfg: Config, hash_shards: bool = True) -> DataInfo:
                             "tokenizer")
         check_tokenizer_file(Path(d), manifest)
         verify_checksums(Path(d), manifest, hash_shards)
-    if cfg.tokenizer.path:
-        tok = load_tokenizer(cfg.tokenizer.path)
-        special_ids(tok, cfg.tokenizer, cfg.tokenizer.path)
+    if tokenizer.path:
+        tok = load_tokenizer(tokenizer.path)
+        special_ids(tok, tokenizer, tokenizer.path)
         if tokenizer_hash(tok) != want["sha256"]:
             raise DataError(f"{first}/manifest.json was written by tokenizer {want['sha256'][:12]}, but "
-                            f"tokenizer.path={cfg.tokenizer.path} is {tokenizer_hash(tok)[:12]}: "
+                            f"tokenizer.path={tokenizer.path} is {tokenizer_hash(tok)[:12]}: "
                             "re-prepare the data with this tokenizer, or drop tokenizer.path to use the "
                             "data's own")
-    if want["vocab_size"] > m.vocab_size:
+    if want["vocab_size"] > model_vocab_size:
         raise DataError(f"the tokenizer of {first} has {want['vocab_size']} tokens, more than "
-                        f"model.vocab_size={m.vocab_size}; set model.vocab_size >= {want['vocab_size']}")
+                        f"model.vocab_size={model_vocab_size}; set model.vocab_size >= {want['vocab_size']}")
     train = valid = 0
-    for d, _ in parse_blend(cfg):
+    for d, _ in parse_blend(data):
         stream = open_split(d, manifests[d], "train", fraction)
-        if stream.windows(t.seq_len) == 0:
+        if stream.windows(seq_len) == 0:
             raise DataError(f"{d}: {stream.tokens} train tokens, fewer than one window of "
-                            f"train.seq_len + 1 = {t.seq_len + 1}; prepare more data or lower train.seq_len "
+                            f"train.seq_len + 1 = {seq_len + 1}; prepare more data or lower train.seq_len "
                             "or data.valid_fraction")
         train += stream.tokens
         if fraction:
             valid += open_split(d, manifests[d], "valid", fraction).tokens
-    if cfg.data.valid_path:
-        valid = open_split(cfg.data.valid_path, manifests[cfg.data.valid_path], "all", 0.0).tokens
+    if data.valid_path:
+        valid = open_split(data.valid_path, manifests[data.valid_path], "all", 0.0).tokens
     return DataInfo(vocab_size=want["vocab_size"], eod_id=want["eod_id"],
                     tokenizer_path=str(Path(first) / want["file"]), tokenizer_sha256=want["sha256"],
                     train_tokens=train, valid_tokens=valid)
@@ -231,15 +230,15 @@ class TokenLoader:
         self.counts = [int(state[f"consumed_{d}"]) for d in range(len(self.counts))]
 
 
-def build_loader(cfg: Config, *, split: str, seq_len: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 seed: int) -> TokenLoader:
+def build_loader(data: DataConfig, *, split: str, seq_len: int, micro_batch_size: int, dp_rank: int,
+                 dp_size: int, seed: int) -> TokenLoader:
     """A loader over the train split (shuffled, infinite) or the valid split (fixed order, from the start)."""
     if split not in ("train", "valid"):
         raise DataError(f"split={split!r}; choose train or valid")
-    fraction = _valid_fraction(cfg)
-    blend = parse_blend(cfg)
-    if split == "valid" and cfg.data.valid_path:
-        blend, part = [(cfg.data.valid_path, 1.0)], "all"
+    fraction = _valid_fraction(data)
+    blend = parse_blend(data)
+    if split == "valid" and data.valid_path:
+        blend, part = [(data.valid_path, 1.0)], "all"
     elif split == "valid" and not fraction:
         raise DataError("no validation data: set data.valid_fraction > 0 or data.valid_path")
     else:
@@ -248,4 +247,4 @@ def build_loader(cfg: Config, *, split: str, seq_len: int, micro_batch_size: int
     eod = read_manifest(blend[0][0])["tokenizer"]["eod_id"]
     return TokenLoader(streams, [w for _, w in blend], seq_len=seq_len, micro_batch_size=micro_batch_size,
                        dp_rank=dp_rank, dp_size=dp_size, seed=seed, shuffle=split == "train", eod_id=eod,
-                       document_mask=cfg.data.document_mask, names=[f"{d} ({split})" for d, _ in blend])
+                       document_mask=data.document_mask, names=[f"{d} ({split})" for d, _ in blend])

@@ -6,8 +6,6 @@ last: an interrupted run never leaves a directory that looks prepared, and never
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -21,9 +19,10 @@ import pyarrow as pa
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from tokenizers import Tokenizer
 
-from megatrain.config import Config, _choice
+from megatrain.config import PrepareConfig, TokenizerConfig, check_choice
 from megatrain.data import tokenizer as tk
 from megatrain.data.errors import DataError
+from megatrain.data.manifest import COLUMN, FORMAT_VERSION, MANIFEST, sha256_file, write_json_atomic
 from megatrain.data.sources import (
     DATASETS_FORMATS,
     NATIVE_FORMATS,
@@ -33,20 +32,9 @@ from megatrain.data.sources import (
     resolve_inputs,
 )
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-COLUMN = "input_ids"
 # Documents per tokenizer call: large enough to keep every core busy, small enough to bound memory.
 BATCH_CHARS = 4 << 20
 BATCH_DOCS = 4096
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ShardWriter:
@@ -156,32 +144,24 @@ def _publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    part = path.with_name(path.name + ".part")
-    part.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(part, path)
+def validate_prepare(spec: PrepareConfig) -> None:
+    check_choice("prepare.format", spec.format, NATIVE_FORMATS + DATASETS_FORMATS)
+    check_choice("prepare.text_unit", spec.text_unit, TEXT_UNITS)
+    check_choice("prepare.on_bad_file", spec.on_bad_file, ("fail", "skip"))
+    if spec.shard_tokens <= 0:
+        raise DataError(f"prepare.shard_tokens={spec.shard_tokens} must be positive")
+    if spec.num_proc < 0:
+        raise DataError(f"prepare.num_proc={spec.num_proc} must be >= 0 (0: all cores)")
 
 
-def validate_prepare(cfg: Config) -> None:
-    p = cfg.prepare
-    _choice("prepare.format", p.format, NATIVE_FORMATS + DATASETS_FORMATS)
-    _choice("prepare.text_unit", p.text_unit, TEXT_UNITS)
-    _choice("prepare.on_bad_file", p.on_bad_file, ("fail", "skip"))
-    if p.shard_tokens <= 0:
-        raise DataError(f"prepare.shard_tokens={p.shard_tokens} must be positive")
-    if p.num_proc < 0:
-        raise DataError(f"prepare.num_proc={p.num_proc} must be >= 0 (0: all cores)")
-
-
-def prepare(cfg: Config) -> Path:
+def prepare(spec: PrepareConfig, tokenizer_cfg: TokenizerConfig, progress: bool = True) -> Path:
     """Run the whole preparation; returns the output directory."""
-    p, tcfg = cfg.prepare, cfg.tokenizer
-    validate_prepare(cfg)
-    files = resolve_inputs(p.input)
-    out = Path(p.output)
+    validate_prepare(spec)
+    files = resolve_inputs(spec.input)
+    out = Path(spec.output)
     _check_output(out)
-    if p.num_proc:  # read once by the Rust thread pool, when the first parallel call starts it
-        os.environ["RAYON_NUM_THREADS"] = str(p.num_proc)
+    if spec.num_proc:  # read once by the Rust thread pool, when the first parallel call starts it
+        os.environ["RAYON_NUM_THREADS"] = str(spec.num_proc)
     total_bytes = sum(f.stat().st_size for f in files)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -192,17 +172,17 @@ def prepare(cfg: Config) -> Path:
                           "{task.fields[rate]:,.0f} tok/s"),
                TimeElapsedColumn())
     try:
-        with Progress(*columns, disable=not cfg.logging.progress, transient=False) as bar:
-            tok = _tokenizer(cfg, files, total_bytes, bar)
-            ids = tk.special_ids(tok, tcfg, tcfg.path or "trained here")
-            entry = tk.save_tokenizer(tok, tmp, ids, tcfg)
+        with Progress(*columns, disable=not progress, transient=False) as bar:
+            tok = _tokenizer(spec, tokenizer_cfg, files, total_bytes, bar)
+            ids = tk.special_ids(tok, tokenizer_cfg, tokenizer_cfg.path or "trained here")
+            entry = tk.save_tokenizer(tok, tmp, ids, tokenizer_cfg)
             tk.for_encoding(tok)
             dtype = np.dtype(np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.uint32)
-            writer = ShardWriter(tmp, dtype, ids, p.shard_tokens)
+            writer = ShardWriter(tmp, dtype, ids, spec.shard_tokens)
             stats = ReadStats()
             task = bar.add_task("tokenizing", total=total_bytes, docs=0, tokens=0, rate=0.0)
             start, tokens = time.perf_counter(), 0
-            for batch in _encode_stream(tok, iter_documents(files, p, stats)):
+            for batch in _encode_stream(tok, iter_documents(files, spec, stats)):
                 writer.add(batch)
                 tokens += sum(map(len, batch)) + len(batch) * (1 + (ids.bos is not None))
                 rate = tokens / max(time.perf_counter() - start, 1e-9)
@@ -215,7 +195,7 @@ def prepare(cfg: Config) -> Path:
             "format_version": FORMAT_VERSION, "tokenizer": entry, "dtype": dtype.name,
             "documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
             "shards": shards,
-            "source": {"format": p.format, "text_unit": p.text_unit, "text_field": p.text_field,
+            "source": {"format": spec.format, "text_unit": spec.text_unit, "text_field": spec.text_field,
                        "files": len(files), "empty_documents": stats.empty, "skipped": stats.skipped},
         }
         write_json_atomic(tmp / MANIFEST, manifest)
@@ -232,19 +212,19 @@ def prepare(cfg: Config) -> Path:
     return out
 
 
-def _tokenizer(cfg: Config, files: list, total_bytes: int, bar: Progress) -> Tokenizer:
-    tcfg = cfg.tokenizer
-    if tcfg.path:
-        return tk.load_tokenizer(tcfg.path)
-    limit = tcfg.train_bytes or total_bytes
+def _tokenizer(spec: PrepareConfig, tokenizer_cfg: TokenizerConfig, files: list, total_bytes: int,
+               bar: Progress) -> Tokenizer:
+    if tokenizer_cfg.path:
+        return tk.load_tokenizer(tokenizer_cfg.path)
+    limit = tokenizer_cfg.train_bytes or total_bytes
     stats = ReadStats()
     task = bar.add_task("training tokenizer", total=min(limit, total_bytes), docs=0, tokens=0, rate=0.0)
 
     def texts() -> Iterator[str]:
-        for doc in iter_documents(files, cfg.prepare, stats):
+        for doc in iter_documents(files, spec, stats):
             yield doc
             bar.update(task, completed=min(stats.bytes_read, limit), docs=stats.documents)
             if stats.bytes_read >= limit:
                 return
 
-    return tk.train_tokenizer(texts(), tcfg)
+    return tk.train_tokenizer(texts(), tokenizer_cfg)

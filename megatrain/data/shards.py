@@ -13,29 +13,10 @@ import numpy as np
 import pyarrow as pa
 
 from megatrain.data.errors import DataError
-from megatrain.data.preprocess import FORMAT_VERSION, MANIFEST, sha256_file, write_json_atomic
+from megatrain.data.manifest import MANIFEST, sha256_file, write_json_atomic
 from megatrain.data.tokenizer import load_tokenizer, tokenizer_hash
 
 VERIFIED = ".verified.json"  # sha256 results keyed by (size, mtime): a multi-TB set is hashed once
-
-
-def read_manifest(directory: str | Path) -> dict:
-    d = Path(directory)
-    if not d.is_dir():
-        raise DataError(f"data directory {d} does not exist; run `python -m launcher.prepare "
-                        f"prepare.output={d} ...` first")
-    path = d / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{path} is missing: {d} is not a prepared dataset, or its preparation did "
-                        "not finish")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}); re-run launcher.prepare") from e
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path}: format_version={manifest.get('format_version')!r}, this megatrain reads "
-                        f"{FORMAT_VERSION}; re-run launcher.prepare")
-    return manifest
 
 
 def check_tokenizer_file(directory: Path, manifest: dict) -> None:

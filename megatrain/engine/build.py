@@ -10,15 +10,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatrain.config import Config, Layout
+from megatrain.config import Config
 from megatrain.engine.deepspeed_config import deepspeed_config
 from megatrain.engine.dist_env import DistEnv
 from megatrain.engine.schedule import build_scheduler
 from megatrain.model.init import canonical_parameters, init_parameter
 from megatrain.model.transformer import Block, Transformer
+from megatrain.parallel import deepspeed_internals as ds
 from megatrain.parallel.mesh import Mesh
 
 log = logging.getLogger("megatrain")
+# torch 2.13 deprecates the collectives DeepSpeed's ZeRO calls, and warns on every call.
+ZERO_COLLECTIVE_WARNING = (r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor"
+                           r"|_all_gather_base|_reduce_scatter_base)`")
 
 
 def pick_device(cfg: Config, env: DistEnv) -> torch.device:
@@ -34,12 +38,10 @@ def init_distributed(device: torch.device) -> None:
     """Start torch.distributed through DeepSpeed, without its CPU ops that training never uses."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    warnings.filterwarnings("ignore", category=FutureWarning)  # one per ZeRO collective otherwise
+    warnings.filterwarnings("ignore", message=ZERO_COLLECTIVE_WARNING, category=FutureWarning)
     import deepspeed
-    import deepspeed.ops
 
-    # Compiling the shared-memory op costs ~40 s at start and gloo training never uses it.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    ds.skip_shm_comm_op()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
@@ -50,19 +52,21 @@ def build_model(cfg: Config, mesh: Mesh, ds_config: dict[str, Any]) -> torch.nn.
     """The model (this rank's pipeline stage under PP), partitioned over DP from birth under ZeRO-3."""
     import deepspeed
 
-    if cfg.parallel.pp > 1:
-        from megatrain.parallel.pipeline import TransformerPipe
+    checkpointing = cfg.train.activation_checkpointing
+    if mesh.pp > 1:
+        from megatrain.model.pipeline import TransformerPipe  # imports DeepSpeed: after its set-up
 
-        model = TransformerPipe(cfg, mesh)
+        model = TransformerPipe(cfg.model, mesh, checkpointing=checkpointing, seq_len=cfg.train.seq_len,
+                                pp_split=cfg.parallel.pp_split)
         for name, p in canonical_parameters(model):
             init_parameter(p, name, cfg.train.seed, mesh)
         return model
-    zero3 = cfg.parallel.zero_stage == 3
+    zero3 = mesh.layout.zero_stage == 3
     # zero.Init ignores `mpu` and would partition over the whole world, mixing TP shards:
     # the DP group must be named explicitly.
     with deepspeed.zero.Init(data_parallel_group=mesh.dp_group, mpu=mesh, config_dict_or_path=ds_config,
                              enabled=zero3):
-        model = Transformer(cfg.model, mesh, cfg.parallel.sequence_parallel, cfg.train.activation_checkpointing)
+        model = Transformer(cfg.model, mesh, mesh.layout.sequence_parallel, checkpointing)
     for name, p in canonical_parameters(model):
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3):
             init_parameter(p, name, cfg.train.seed, mesh)
@@ -73,38 +77,27 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     """Decay matrices (linears, embeddings); not norms or biases."""
     decay, keep = [], []
     for p in model.parameters():
-        (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else keep).append(p)
+        (decay if len(ds.unpartitioned_shape(p)) >= 2 else keep).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
-def build_engine(cfg: Config, layout: Layout, mesh: Mesh, device: torch.device):
+def build_engine(cfg: Config, mesh: Mesh, device: torch.device):
     """The DeepSpeed engine around this rank's model (or pipeline stage) and optimizer."""
     import deepspeed
 
-    ds_config = deepspeed_config(cfg, layout)
+    ds_config = deepspeed_config(cfg, mesh.layout)
     model = build_model(cfg, mesh, ds_config)
     if cfg.train.compile:
-        # Blocks only: the embedding / head / loss hold the TP collectives that graphs break on.
-        for block in (m for m in model.modules() if isinstance(m, Block)):
+        # Blocks hold nearly all the FLOPs; the embedding and the head with its vocab-parallel loss stay eager.
+        for block in (module for module in model.modules() if isinstance(module, Block)):
             block.compile()
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  eps=o.eps, fused=True)
-    scheduler = build_scheduler(optimizer, o, cfg.train.steps)
+    optim = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
+                                  betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True)
+    scheduler = build_scheduler(optimizer, optim, cfg.train.steps)
     # A pipeline module brings its own process grid; otherwise DeepSpeed learns DP and TP from the mesh.
-    mpu = None if cfg.parallel.pp > 1 else mesh
+    mpu = None if mesh.pp > 1 else mesh
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=mpu, dist_init_required=False)
-    _keep_fp32_grad_norm(engine)
+    ds.record_unsharded_grad_norm(engine)
     return engine
-
-
-def _keep_fp32_grad_norm(engine) -> None:
-    """Without ZeRO and bf16, DeepSpeed computes the norm to clip by, then drops it: keep it for the metrics."""
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    def clip_and_record() -> None:
-        engine._global_grad_norm = clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(),
-                                                   mpu=engine.mpu)
-
-    engine.clip_fp32_gradients = clip_and_record

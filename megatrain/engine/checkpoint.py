@@ -6,7 +6,7 @@ atomically. A process killed mid-save leaves only a `.partial-*` directory behin
 broken `latest`. Each rank also saves its own trainer state (step, tokens, data loader
 position, every RNG), so a resumed run continues bit for bit.
 
-Every checkpoint also holds a portable copy (`portable/`, see `portable.py`): a run whose layout
+Every checkpoint also holds a portable copy (`portable/`, see export/portable_format.py): a run whose layout
 (TP, PP, DP, ZeRO stage or precision) differs from the checkpoint's resumes from it instead of
 DeepSpeed's files, and export reads it. The test-only variable MEGATRAIN_TEST_SAVE_PAUSE (seconds)
 holds a save open before it is published, so tests can kill or signal a process mid-save.
@@ -28,8 +28,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatrain.config import Config, ConfigError, Layout
+from megatrain.config import Config, ConfigError
 from megatrain.engine import portable
+from megatrain.export.portable_format import DIR as PORTABLE_DIR
 from megatrain.model.init import canonical_parameters
 from megatrain.parallel.mesh import Mesh
 
@@ -66,25 +67,30 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+LAYOUT_KEYS = ("tp", "pp", "dp", "zero_stage")  # with the precision: what DeepSpeed's own files depend on
+
+
 @dataclass
 class RunContext:
     """The run a checkpoint is saved from or loaded into: what the portable copy and a layout change need."""
 
     cfg: Config
-    layout: Layout
     mesh: Mesh
     tokenizer_path: str | None = None
     eod_id: int | None = None
 
     def layout_key(self) -> dict[str, Any]:
-        return {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
-                "zero_stage": self.cfg.parallel.zero_stage, "precision": self.cfg.train.precision}
+        layout = self.mesh.layout
+        return {**{k: getattr(layout, k) for k in LAYOUT_KEYS}, "precision": self.cfg.train.precision}
 
 
 def _saved_layout(meta: dict[str, Any]) -> dict[str, Any]:
+    """The layout key of a checkpoint's meta.json (older ones record zero_stage beside the layout)."""
     layout = meta.get("layout", {})
-    return {"tp": layout.get("tp"), "pp": layout.get("pp"), "dp": layout.get("dp"),
-            "zero_stage": meta.get("zero_stage"), "precision": meta.get("precision")}
+    saved = {k: layout.get(k) for k in LAYOUT_KEYS}
+    if saved["zero_stage"] is None:
+        saved["zero_stage"] = meta.get("zero_stage")
+    return {**saved, "precision": meta.get("precision")}
 
 
 class Checkpointer:
@@ -92,7 +98,7 @@ class Checkpointer:
         self.root = run_dir / "checkpoints"
         self.keep_last, self.rank, self.context = keep_last, rank, context
 
-    def save(self, engine: Any, step: int, trainer_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    def save(self, engine: Any, step: int, trainer_state: dict[str, Any]) -> Path:
         """Collective: every rank calls it. Returns the published checkpoint directory."""
         tag = tag_for(step)
         partial, final = self.root / f".partial-{tag}", self.root / tag
@@ -101,11 +107,12 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         engine.save_checkpoint(str(self.root), tag=partial.name, save_latest=False)
+        meta: dict[str, Any] = {}
         if self.context is not None:
-            c = self.context
-            portable.save(engine, c.mesh, partial / portable.DIR, step=step, model=c.cfg.model,
-                          tokenizer_path=c.tokenizer_path, eod_id=c.eod_id)
-            meta = {**meta, **c.layout_key()}
+            run = self.context
+            portable.save(engine, run.mesh, partial / PORTABLE_DIR, step=step, model=run.cfg.model,
+                          tokenizer_path=run.tokenizer_path, eod_id=run.eod_id)
+            meta = {"layout": run.mesh.layout.record(), "precision": run.cfg.train.precision}
         (partial / "trainer").mkdir(parents=True, exist_ok=True)
         torch.save({**trainer_state, "rng": rng_state()}, partial / "trainer" / f"rank_{self.rank:05d}.pt")
         time.sleep(float(os.environ.get("MEGATRAIN_TEST_SAVE_PAUSE", "0")))
@@ -164,18 +171,18 @@ class Checkpointer:
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
         else:
-            if not (path / portable.DIR).is_dir():
-                raise RuntimeError(f"checkpoint {path} was written with {saved} and has no {portable.DIR}/ copy; "
+            if not (path / PORTABLE_DIR).is_dir():
+                raise RuntimeError(f"checkpoint {path} was written with {saved} and has no {PORTABLE_DIR}/ copy; "
                                    f"resume it with that layout")
             log.warning("checkpoint %s was written with %s; this run is %s: loading its portable copy",
                         path, _fmt(saved), _fmt(now))
-            portable.load(engine, self.context.mesh, path / portable.DIR)
+            portable.load(engine, self.context.mesh, path / PORTABLE_DIR)
         own = path / "trainer" / f"rank_{self.rank:05d}.pt"
         state = torch.load(own if own.exists() else path / "trainer" / "rank_00000.pt", weights_only=False)
         if own.exists():
             set_rng_state(state["rng"])
         if self.context is not None:
-            layout = self.context.layout
+            layout = self.context.mesh.layout
             before = meta.get("layout", {}).get("global_batch_size", layout.global_batch_size)
             if before != layout.global_batch_size:
                 log.warning("train.global_batch_size was %d, now %d: each step now reads %d samples; the LR "
@@ -187,14 +194,14 @@ class Checkpointer:
         """Collective: set the model's weights from a Hugging Face directory (`train.init_from`)."""
         from megatrain.export.hf import read_hf
 
-        c = self.context
+        run = self.context
         try:
-            weights = read_hf(Path(source), c.cfg.model)
+            weights = read_hf(Path(source), run.cfg.model)
         except (OSError, ValueError) as err:
             raise ConfigError(f"train.init_from={source}: {err}") from err
-        portable.check_shapes(engine.module, c.mesh, {n: list(t.shape) for n, t in weights.items()}, source)
+        portable.check_shapes(engine.module, run.mesh, {n: list(t.shape) for n, t in weights.items()}, source)
         for name, p in canonical_parameters(engine.module):
-            portable.set_parameter(p, portable.local_slice(weights[name], p, c.mesh))
+            portable.set_parameter(p, portable.local_slice(weights[name], p, run.mesh))
         log.info("initialised the model from %s", source)
 
 

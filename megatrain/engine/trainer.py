@@ -7,7 +7,6 @@ import logging
 import math
 import signal
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from megatrain.config import Config, ConfigError, Layout, validate
+from megatrain.config import Config, ConfigError, validate
 from megatrain.data.dataset import build_loader, check_data, load_tokenizer
 from megatrain.engine.build import build_engine, init_distributed, pick_device
 from megatrain.engine.checkpoint import Checkpointer, RunContext
@@ -24,6 +23,7 @@ from megatrain.engine.step import eval_loss, train_step
 from megatrain.observe.logger import MetricsLogger, setup_console_logging
 from megatrain.observe.meters import StepTimer, memory_stats, peak_flops
 from megatrain.parallel.mesh import Mesh
+from megatrain.parallel.stages import bubble_fraction
 from megatrain.scaling.flops import param_counts, training_flops_per_token
 
 log = logging.getLogger("megatrain")
@@ -73,10 +73,11 @@ def _drop_rows_after(metrics: Path, step: int) -> None:
     metrics.write_text("".join(r + "\n" for r in rows))
 
 
-def evaluate(engine, cfg: Config, layout: Layout, mesh: Mesh, device: torch.device) -> float:
+def evaluate(engine, cfg: Config, mesh: Mesh, device: torch.device) -> float:
     """Eval loss on `train.eval_steps` batches of the validation split (the same batches every time)."""
-    loader = build_loader(cfg, split="valid", seq_len=cfg.train.seq_len, micro_batch_size=layout.micro_batch_size,
-                          dp_rank=mesh.dp_rank, dp_size=mesh.dp, seed=cfg.train.seed)
+    loader = build_loader(cfg.data, split="valid", seq_len=cfg.train.seq_len,
+                          micro_batch_size=mesh.layout.micro_batch_size, dp_rank=mesh.dp_rank, dp_size=mesh.dp,
+                          seed=cfg.train.seed)
     return eval_loss(engine, loader.next_batch, cfg.train.eval_steps, device, mesh.dp_group)
 
 
@@ -87,19 +88,21 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     setup_console_logging(env.rank)
     layout = validate(cfg, env.world_size)
     # Before any process group: a bad dataset costs seconds, not a queue wait. Rank 0 hashes the shards.
-    data = check_data(cfg, hash_shards=env.rank == 0)
+    data = check_data(cfg.data, cfg.tokenizer, seq_len=cfg.train.seq_len, model_vocab_size=cfg.model.vocab_size,
+                      hash_shards=env.rank == 0)
     run_dir = prepare_run_dir(cfg, raw, env.rank)
 
     device = pick_device(cfg, env)
     init_distributed(device)
-    mesh = Mesh.build(cfg.parallel.tp, cfg.parallel.pp)
+    mesh = Mesh.build(layout)
     torch.manual_seed(cfg.train.seed)
-    engine = build_engine(cfg, layout, mesh, device)
-    loader = build_loader(cfg, split="train", seq_len=cfg.train.seq_len, micro_batch_size=layout.micro_batch_size,
-                          dp_rank=mesh.dp_rank, dp_size=mesh.dp, seed=cfg.train.seed)
+    engine = build_engine(cfg, mesh, device)
+    loader = build_loader(cfg.data, split="train", seq_len=cfg.train.seq_len,
+                          micro_batch_size=layout.micro_batch_size, dp_rank=mesh.dp_rank, dp_size=mesh.dp,
+                          seed=cfg.train.seed)
 
     checkpointer = Checkpointer(run_dir, cfg.train.keep_last, env.rank,
-                                RunContext(cfg, layout, mesh, data.tokenizer_path, data.eod_id))
+                                RunContext(cfg, mesh, data.tokenizer_path, data.eod_id))
     step, tokens = 0, 0
     resume_from = _resume_path(cfg, checkpointer)
     if resume_from is not None:
@@ -113,8 +116,6 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         checkpointer.init_from(engine, cfg.train.init_from)
 
     if layout.pp > 1 and env.rank == 0:
-        from megatrain.parallel.pipeline import bubble_fraction  # imports DeepSpeed: after its setup
-
         bubble = bubble_fraction(layout.pp, layout.grad_accum)
         log.log(logging.WARNING if layout.grad_accum < 2 * layout.pp else logging.INFO,
                 "pipeline: %d stages, %d micro-batches per step -> %.0f%% of each step idle (1F1B bubble); "
@@ -126,7 +127,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     log.info("model %s: %s params (%s non-embedding) | layout tp=%d pp=%d dp=%d zero=%d | global batch %d "
              "(micro %d x accum %d x dp %d) | peak %.1f TFLOP/s/device (%s)", cfg.model.name,
              f"{counts.total:,}", f"{counts.non_embedding:,}", layout.tp, layout.pp, layout.dp,
-             cfg.parallel.zero_stage, layout.global_batch_size, layout.micro_batch_size, layout.grad_accum,
+             layout.zero_stage, layout.global_batch_size, layout.micro_batch_size, layout.grad_accum,
              layout.dp, peak / 1e12, peak_source)
 
     metrics = MetricsLogger(run_dir, enabled=env.rank == 0, total_steps=cfg.train.steps, start_step=step,
@@ -140,8 +141,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     window_start, window_steps = time.perf_counter(), 0
 
     def save() -> None:
-        checkpointer.save(engine, step, {"step": step, "tokens": tokens, "data": loader.state_dict()},
-                          meta={"layout": asdict(layout), "zero_stage": cfg.parallel.zero_stage})
+        checkpointer.save(engine, step, {"step": step, "tokens": tokens, "data": loader.state_dict()})
 
     exit_code = 0
     while step < cfg.train.steps:
@@ -164,7 +164,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
                    **{k: v / window_steps for k, v in timer.pop().items()}, **memory_stats(device)}
             window_start, window_steps = time.perf_counter(), 0
         if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
-            last_eval = evaluate(engine, cfg, layout, mesh, device)
+            last_eval = evaluate(engine, cfg, mesh, device)
             row.update(step=step, eval_loss=last_eval, eval_ppl=math.exp(min(last_eval, 50.0)))
             window_start = time.perf_counter()  # eval time is not training throughput
         if row:
@@ -186,7 +186,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         summary = {"params_total": counts.total, "params_non_embedding": counts.non_embedding,
                    "tokens": tokens, "flops": tokens * flops_per_token, "steps": step,
                    "final_loss": last_loss, "final_eval_loss": last_eval,
-                   "layout": asdict(layout), "zero_stage": cfg.parallel.zero_stage}
+                   "layout": layout.record(), "zero_stage": layout.zero_stage}
         if env.rank == 0:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         metrics.summary(summary)

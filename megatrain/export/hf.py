@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatrain.config import ModelConfig
-from megatrain.engine.portable import DIR, TOKENIZER, PortableCheckpoint
+from megatrain.export.portable_format import DIR, TOKENIZER, PortableCheckpoint
 
 log = logging.getLogger("megatrain")
 
@@ -43,7 +43,12 @@ def architecture(m: ModelConfig) -> str:
 
 def hf_config(m: ModelConfig, eos_id: int | None = None):
     """The transformers config object of the same model."""
+    import transformers
     from transformers import GPT2Config, LlamaConfig
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        # 4.x ignores rope_parameters and would save rope_theta=10000 whatever the model's is.
+        raise ValueError(f"export needs transformers>=5.0 (its RoPE config keys), not {transformers.__version__}")
 
     if architecture(m) == "llama":
         return LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_dim,

@@ -12,11 +12,13 @@ from collections.abc import Iterator
 
 import torch
 
+from megatrain.parallel.deepspeed_internals import unpartitioned_shape
 from megatrain.parallel.mesh import Mesh
 
 
 def full_shape(p: torch.Tensor, tp: int) -> list[int]:
-    shape = list(getattr(p, "ds_shape", p.shape))
+    """The shape of the whole parameter: before ZeRO-3 partitioning and TP sharding."""
+    shape = list(unpartitioned_shape(p))
     if getattr(p, "tp_dim", None) is not None:
         shape[p.tp_dim] *= tp
     return shape

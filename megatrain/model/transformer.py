@@ -24,12 +24,11 @@ from megatrain.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    copy_to_tp,
-    gather_last_dim,
-    gather_sequence,
+    enter_tp_region,
     make_param,
-    scatter_sequence,
+    vocab_shard,
 )
+from megatrain.parallel.mappings import gather_last_dim, scatter_sequence
 from megatrain.parallel.mesh import Mesh
 
 
@@ -59,7 +58,7 @@ class Attention(nn.Module):
         self.o = RowParallelLinear(q_dim, d, mesh, bias=cfg.bias, std=out_std, sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
-        x = tp_input(x, self.mesh, self.sp)  # one gather/copy shared by q, k and v
+        x = enter_tp_region(x, self.mesh, self.sp)  # one gather/copy shared by q, k and v
         b, s, _ = x.shape
         q = self.q(x, ready=True).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = self.k(x, ready=True).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -90,15 +89,10 @@ class MLP(nn.Module):
         self.down = RowParallelLinear(f, d, mesh, bias=cfg.bias, std=out_std, sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = tp_input(x, self.mesh, self.sp)
+        x = enter_tp_region(x, self.mesh, self.sp)
         if self.swiglu:
             return self.down(F.silu(self.gate(x, ready=True)) * self.up(x, ready=True))
         return self.down(F.gelu(self.up(x, ready=True), approximate="tanh"))
-
-
-def tp_input(x: torch.Tensor, mesh: Mesh, sp: bool) -> torch.Tensor:
-    """Enter a tensor-parallel region: gather the sequence (SP) or mark the input replicated."""
-    return gather_sequence(x, mesh.tp_group) if sp else copy_to_tp(x, mesh.tp_group)
 
 
 class Block(nn.Module):
@@ -134,29 +128,35 @@ class Embedding(nn.Module):
             h = h + (scatter_sequence(positions.unsqueeze(0), self.mesh.tp_group) if self.sp else positions)
         return self.dropout(h)
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The tied LM head: this rank's vocabulary slice of the logits, from the embedding table."""
+        return F.linear(enter_tp_region(h, self.mesh, self.sp), self.tokens.weight)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, mesh: Mesh) -> torch.Tensor:
+    """Mean next-token cross entropy from this rank's vocabulary slice of the logits."""
+    start, _ = vocab_shard(vocab_size, mesh)
+    return vocab_parallel_cross_entropy(logits, labels, start, mesh.tp_group).mean()
+
 
 class Head(nn.Module):
     """Final norm, LM head (vocab-parallel) and loss. Tied: borrows the embedding's weight."""
 
     def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool = False):
         super().__init__()
-        self.mesh, self.sp = mesh, sp
+        self.mesh, self.vocab_size = mesh, cfg.vocab_size
         self.norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias, mesh, sp)
-        self.vocab_start = mesh.tp_rank * (cfg.vocab_size // mesh.tp)
         self.proj = None if cfg.tie_embeddings else ColumnParallelLinear(
             cfg.d_model, cfg.vocab_size, mesh, std=cfg.init_std, sequence_parallel=sp)
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None,
-                tied_weight: torch.Tensor | None = None) -> torch.Tensor:
+                tied: Embedding | None = None) -> torch.Tensor:
         """Mean loss over all tokens when labels are given, else full-vocabulary logits."""
         h = self.norm(h)
-        if self.proj is not None:
-            logits = self.proj(h)
-        else:
-            logits = F.linear(tp_input(h, self.mesh, self.sp), tied_weight)
+        logits = self.proj(h) if self.proj is not None else tied.logits(h)
         if labels is None:
             return gather_last_dim(logits, self.mesh.tp_group)
-        return vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.mesh.tp_group).mean()
+        return lm_loss(logits, labels, self.vocab_size, self.mesh)
 
 
 class Transformer(nn.Module):
@@ -178,8 +178,7 @@ class Transformer(nn.Module):
                 h = checkpoint(block, h, ctx, use_reentrant=False)
             else:
                 h = block(h, ctx)
-        tied = self.embed.tokens.weight if self.cfg.tie_embeddings else None
-        return self.head(h, labels, tied)
+        return self.head(h, labels, self.embed if self.cfg.tie_embeddings else None)
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.8, top_k: int = 50,

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from megatrain.plan import PEAK_FLOPS  # the one table of datasheet peaks
+from megatrain import hardware
 
 
 def measure_matmul_flops(dtype: torch.dtype, device: torch.device, size: int = 1024, seconds: float = 0.3) -> float:
@@ -32,10 +32,10 @@ def measure_matmul_flops(dtype: torch.dtype, device: torch.device, size: int = 1
 def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
     """(peak FLOP/s per device, where the figure comes from)."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peaks in PEAK_FLOPS.items():
-            if key in name:
-                return peaks[precision], f"{key} datasheet"
+        accelerator = hardware.by_device_name(torch.cuda.get_device_name(device))
+        peak = hardware.peak_flops(accelerator, precision) if accelerator else None
+        if peak is not None:
+            return peak, f"{accelerator.name} datasheet"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return measure_matmul_flops(dtype, device), f"measured {precision} matmul on {device.type}"
 

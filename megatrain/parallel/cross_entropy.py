@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatrain.parallel.layers import _size
+from megatrain.parallel.mappings import group_size
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -18,7 +18,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         ctx.dtype = logits.dtype
         logits = logits.float()
         logits_max = logits.max(dim=-1).values
-        if _size(group) > 1:
+        if group_size(group) > 1:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
         shifted = logits - logits_max.unsqueeze(-1)
 
@@ -31,7 +31,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
         exp = shifted.exp()
         sum_exp = exp.sum(dim=-1)
-        if _size(group) > 1:
+        if group_size(group) > 1:
             dist.all_reduce(target_logit, group=group)
             dist.all_reduce(sum_exp, group=group)
         loss = sum_exp.log() - target_logit

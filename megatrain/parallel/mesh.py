@@ -11,20 +11,39 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
+from megatrain.config import Layout
+
 
 @dataclass
 class Mesh:
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
+    """The one object that knows the layout, this rank's place in it and every process group.
+
+    Everything else derives from it: the model's shard shapes, DeepSpeed's `mpu` (below), the
+    checkpoint's layout record. Built without groups (`Mesh(Layout(tp=2))`) it still answers
+    shapes, for code that only needs them (the planner's tests, meta-device models).
+    """
+
+    layout: Layout = field(default_factory=Layout)
     rank: int = 0
     tp_group: dist.ProcessGroup | None = field(default=None, repr=False)
     dp_group: dist.ProcessGroup | None = field(default=None, repr=False)
     pp_group: dist.ProcessGroup | None = field(default=None, repr=False)
 
     @property
+    def tp(self) -> int:
+        return self.layout.tp
+
+    @property
+    def pp(self) -> int:
+        return self.layout.pp
+
+    @property
+    def dp(self) -> int:
+        return self.layout.dp
+
+    @property
     def world(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.layout.world
 
     @property
     def tp_rank(self) -> int:
@@ -47,23 +66,23 @@ class Mesh:
         return cls()
 
     @classmethod
-    def build(cls, tp: int, pp: int) -> Mesh:
+    def build(cls, layout: Layout) -> Mesh:
         """Create every process group of the world; all ranks must call this together."""
         world, rank = dist.get_world_size(), dist.get_rank()
-        if world % (tp * pp):
-            raise ValueError(f"world size {world} is not divisible by tp x pp = {tp} x {pp}")
-        mesh = cls(tp=tp, pp=pp, dp=world // (tp * pp), rank=rank)
-        r = range
+        if world != layout.world:
+            raise ValueError(f"the world has {world} ranks but the layout tp={layout.tp} x pp={layout.pp} x "
+                             f"dp={layout.dp} needs {layout.world}")
+        mesh = cls(layout=layout, rank=rank)
         # new_group is collective: every rank creates every group, in the same order.
-        for p in r(pp):
-            for d in r(mesh.dp):
-                mesh._keep("tp_group", dist.new_group([mesh.rank_of(p, d, t) for t in r(tp)]))
-        for p in r(pp):
-            for t in r(tp):
-                mesh._keep("dp_group", dist.new_group([mesh.rank_of(p, d, t) for d in r(mesh.dp)]))
-        for d in r(mesh.dp):
-            for t in r(tp):
-                mesh._keep("pp_group", dist.new_group([mesh.rank_of(p, d, t) for p in r(pp)]))
+        for stage in range(mesh.pp):
+            for replica in range(mesh.dp):
+                mesh._keep("tp_group", dist.new_group([mesh.rank_of(stage, replica, t) for t in range(mesh.tp)]))
+        for stage in range(mesh.pp):
+            for shard in range(mesh.tp):
+                mesh._keep("dp_group", dist.new_group([mesh.rank_of(stage, d, shard) for d in range(mesh.dp)]))
+        for replica in range(mesh.dp):
+            for shard in range(mesh.tp):
+                mesh._keep("pp_group", dist.new_group([mesh.rank_of(s, replica, shard) for s in range(mesh.pp)]))
         return mesh
 
     def _keep(self, name: str, group: dist.ProcessGroup) -> None:

@@ -70,19 +70,19 @@ def shaped_model(base: ModelConfig, n_layers: int, head_dim: int, aspect: float)
 
 def model_shapes(cfg: Config, max_layers: int = 256) -> list[ModelConfig]:
     """Distinct shapes closest (in log N) to `sweep.sizes` sizes log-spaced in [min_params, max_params]."""
-    s = cfg.sweep
-    if s.head_dim <= 0 or s.head_dim % 2 or s.aspect <= 0:
-        raise ValueError(f"sweep.head_dim={s.head_dim} must be a positive even number and "
-                         f"sweep.aspect={s.aspect} positive")
-    if not 0 < s.min_params <= s.max_params or s.sizes < 1:
+    sweep = cfg.sweep
+    if sweep.head_dim <= 0 or sweep.head_dim % 2 or sweep.aspect <= 0:
+        raise ValueError(f"sweep.head_dim={sweep.head_dim} must be a positive even number and "
+                         f"sweep.aspect={sweep.aspect} positive")
+    if not 0 < sweep.min_params <= sweep.max_params or sweep.sizes < 1:
         raise ValueError(f"need 0 < sweep.min_params <= sweep.max_params and sweep.sizes >= 1; got "
-                         f"{s.min_params}, {s.max_params}, {s.sizes}")
-    ray = [shaped_model(cfg.model, n, s.head_dim, s.aspect) for n in range(1, max_layers + 1)]
+                         f"{sweep.min_params}, {sweep.max_params}, {sweep.sizes}")
+    ray = [shaped_model(cfg.model, n, sweep.head_dim, sweep.aspect) for n in range(1, max_layers + 1)]
     sizes = [getattr(param_counts(m), cfg.fit.params) for m in ray]
-    step = (math.log(s.max_params) - math.log(s.min_params)) / max(1, s.sizes - 1)
+    step = (math.log(sweep.max_params) - math.log(sweep.min_params)) / max(1, sweep.sizes - 1)
     chosen: list[ModelConfig] = []
-    for i in range(s.sizes):
-        target = math.log(s.min_params) + i * step
+    for i in range(sweep.sizes):
+        target = math.log(sweep.min_params) + i * step
         best = min(range(len(ray)), key=lambda j: abs(math.log(sizes[j]) - target))
         if ray[best] not in chosen:
             chosen.append(ray[best])

@@ -21,8 +21,8 @@ def _engine(cfg: Config):
 
     layout = validate(cfg, int(__import__("os").environ["WORLD_SIZE"]))
     init_distributed(torch.device("cpu"))
-    mesh = Mesh.build(cfg.parallel.tp, cfg.parallel.pp)
-    engine = build_engine(cfg, layout, mesh, torch.device("cpu"))
+    mesh = Mesh.build(layout)
+    engine = build_engine(cfg, mesh, torch.device("cpu"))
     return engine, layout, mesh
 
 
@@ -55,14 +55,16 @@ def save_then_continue(rank: int, cfg: Config, directory: str) -> list[float]:
 
 def load_then_continue(rank: int, cfg: Config, directory: str) -> dict:
     from megatrain.engine import portable
+    from megatrain.export.portable_format import MOMENTS, PortableCheckpoint
     from megatrain.model.init import canonical_parameters
+    from megatrain.parallel.deepspeed_internals import base_optimizer
 
     engine, layout, mesh = _engine(cfg)
     state = portable.load(engine, mesh, Path(directory))
-    source = portable.PortableCheckpoint(Path(directory))
+    source = PortableCheckpoint(Path(directory))
     # the restored master weights and moments are the saved ones, bit for bit
-    mismatched = [name for name, p in canonical_parameters(engine.module) for m in (None, *portable.MOMENTS)
-                  if not torch.equal(portable._full_value(p, m, portable._base_optimizer(engine)),
+    mismatched = [name for name, p in canonical_parameters(engine.module) for m in (None, *MOMENTS)
+                  if not torch.equal(portable.full_value(p, m, base_optimizer(engine)),
                                      portable.local_slice(source.tensor(name, m), p, mesh))]
     lr = engine.get_lr()[0]
     return {"mismatched": mismatched, "lr": lr, "step": state["step"],

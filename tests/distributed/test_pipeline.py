@@ -3,7 +3,7 @@
 import pytest
 
 from megatrain.config import ConfigError, validate
-from megatrain.parallel.pipeline import bubble_fraction, stage_boundaries
+from megatrain.parallel.stages import bubble_fraction, stage_boundaries
 from tests.distributed.harness import run_ranks
 from tests.distributed.test_parallel_equivalence import GPT2_STYLE
 from tests.distributed.workloads import TINY, assert_same_curve, engine_losses, make_config
@@ -17,11 +17,10 @@ def _cfg(model=TINY, checkpointing="none", **parallel):
 
 def test_balanced_split_gives_the_lm_head_stage_fewer_blocks():
     cfg = make_config(dict(TINY, n_layers=8, vocab_size=32768), parallel=dict(pp=2))
-    bounds = stage_boundaries(cfg)
+    bounds = stage_boundaries(cfg.model, cfg.parallel.pp, cfg.train.seq_len)
     assert bounds[0] == 0 and bounds[-1] == 8
     assert bounds[1] - bounds[0] > bounds[2] - bounds[1]  # the head costs several blocks
-    cfg.parallel.pp_split = [3, 5]
-    assert stage_boundaries(cfg) == [0, 3, 8]
+    assert stage_boundaries(cfg.model, cfg.parallel.pp, cfg.train.seq_len, split=[3, 5]) == [0, 3, 8]
 
 
 @pytest.mark.parametrize("parallel, message", [

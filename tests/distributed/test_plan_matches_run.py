@@ -86,11 +86,11 @@ def measure(rank: int, cfg, steps: int) -> dict:
 
     layout = validate(cfg, int(os.environ["WORLD_SIZE"]))
     init_distributed(torch.device("cpu"))
-    mesh = Mesh.build(cfg.parallel.tp, cfg.parallel.pp)
+    mesh = Mesh.build(layout)
     data = synthetic_batches(steps, layout.global_batch_size, cfg.train.seq_len, cfg.model.vocab_size)
     _load_code()
     before = _rss_bytes()
-    engine = build_engine(cfg, layout, mesh, torch.device("cpu"))
+    engine = build_engine(cfg, mesh, torch.device("cpu"))
     per_rank = layout.micro_batch_size * layout.grad_accum
     states = 0
     for step in range(steps):

@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatrain.config import Config, ModelConfig, validate
+from megatrain.config import Config, Layout, ModelConfig, validate
 from megatrain.model.init import full_shape, init_parameter
 from megatrain.model.transformer import Transformer
 from megatrain.parallel.mesh import Mesh
@@ -37,8 +37,8 @@ def engine_losses(rank: int, cfg: Config, steps: int) -> dict[str, list[float]]:
     layout = validate(cfg, int(os.environ["WORLD_SIZE"]))
     device = torch.device("cpu")
     init_distributed(device)
-    mesh = Mesh.build(cfg.parallel.tp, cfg.parallel.pp)
-    engine = build_engine(cfg, layout, mesh, device)
+    mesh = Mesh.build(layout)
+    engine = build_engine(cfg, mesh, device)
     data = synthetic_batches(steps, layout.global_batch_size, cfg.train.seq_len, cfg.model.vocab_size)
     per_rank = layout.micro_batch_size * layout.grad_accum
     curve: dict[str, list[float]] = {"loss": [], "grad_norm": []}
@@ -65,7 +65,7 @@ def assert_same_curve(curve: dict[str, list[float]], reference: dict[str, list[f
 def model_gradients(rank: int, model_kw: dict, tp: int, sp: bool, checkpointing: str = "none") -> dict:
     """One forward/backward of the raw model (no DeepSpeed) with TP; full gradients and the loss."""
     dist.init_process_group("gloo")
-    mesh = Mesh.build(tp, 1)
+    mesh = Mesh.build(Layout(tp=tp, sequence_parallel=sp))
     cfg = ModelConfig(**model_kw)
     model = Transformer(cfg, mesh, sequence_parallel=sp, checkpointing=checkpointing)
     for name, p in model.named_parameters():

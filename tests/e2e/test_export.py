@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from megatrain.config import ModelConfig
-from megatrain.engine.portable import PortableCheckpoint
 from megatrain.export.hf import architecture
+from megatrain.export.portable_format import PortableCheckpoint
 from megatrain.model.transformer import Transformer
 from tests.e2e.conftest import TRAIN, cli, losses, torchrun
 
@@ -100,7 +100,7 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(gpt2_export,
     """The first loss of a run started from the export is the exported model's loss on that batch."""
     from transformers import AutoModelForCausalLM
 
-    from megatrain.config import Config, DataConfig
+    from megatrain.config import DataConfig
     from megatrain.data.dataset import build_loader
 
     _, out = gpt2_export
@@ -109,7 +109,7 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(gpt2_export,
                  "parallel.tp=2", f"train.init_from={out}", launcher=torchrun(2))
     assert result.returncode == 0, result.stderr
     assert f"initialised the model from {out}" in result.stderr
-    loader = build_loader(Config(data=DataConfig(path=str(tiny_data))), split="train", seq_len=64,
+    loader = build_loader(DataConfig(path=str(tiny_data)), split="train", seq_len=64,
                           micro_batch_size=2, dp_rank=0, dp_size=1, seed=1234)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():

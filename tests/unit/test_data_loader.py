@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from megatrain.config import Config
-from megatrain.data.dataset import build_loader, check_data, permute
-from megatrain.data.preprocess import prepare
-from megatrain.data.shards import open_split, read_manifest
+from megatrain.data.dataset import permute
+from megatrain.data.manifest import read_manifest
+from megatrain.data.shards import open_split
+from tests.unit.data_calls import run_build_loader, run_check_data, run_prepare
 
 SEQ = 16
 
@@ -27,7 +28,7 @@ def _prepare(root, name: str, words: list[str], n_docs: int, seed: int, tokenize
     cfg.prepare.shard_tokens = 2000  # several shards, so windows cross shard boundaries
     cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, cfg.tokenizer.path = 300, 1, tokenizer
     cfg.logging.progress = False
-    return prepare(cfg)
+    return run_prepare(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def config(path, **data) -> Config:
 
 
 def loader(cfg, split="train", mbs=2, rank=0, dp=1, seed=7):
-    return build_loader(cfg, split=split, seq_len=SEQ, micro_batch_size=mbs, dp_rank=rank, dp_size=dp, seed=seed)
+    return run_build_loader(cfg, split=split, seq_len=SEQ, micro_batch_size=mbs, dp_rank=rank, dp_size=dp, seed=seed)
 
 
 def rows(batch) -> list[tuple]:
@@ -136,7 +137,7 @@ def test_valid_split_is_held_out_fixed_and_restarts_from_the_same_windows(data):
     assert valid_a[0] == valid_a[1]
     train, valid = all_windows(a, "train", 0.05), all_windows(a, "valid", 0.05)
     assert not train & valid and set(valid_a[0]) <= valid
-    info = check_data(cfg)
+    info = run_check_data(cfg)
     assert info.train_tokens + info.valid_tokens == read_manifest(a)["tokens"]
     assert info.valid_tokens >= 0.05 * read_manifest(a)["tokens"]
 
@@ -145,7 +146,7 @@ def test_valid_path_serves_a_separate_prepared_set_without_carving(data):
     a, b = data
     cfg = config(a, valid_path=str(b))
     assert set(rows(loader(cfg, split="valid").next_batch())) <= all_windows(b, "all")
-    assert check_data(cfg).train_tokens == read_manifest(a)["tokens"]
+    assert run_check_data(cfg).train_tokens == read_manifest(a)["tokens"]
 
 
 def test_labels_are_inputs_shifted_and_doc_ids_restart_after_each_eod(data):
@@ -174,7 +175,7 @@ def test_permutation_is_a_seeded_bijection(n):
 
 def test_check_data_reports_the_tokenizer_and_token_counts(data):
     a, _ = data
-    info = check_data(config(a))
+    info = run_check_data(config(a))
     manifest = read_manifest(a)
     assert (info.vocab_size, info.eod_id) == (manifest["tokenizer"]["vocab_size"], 0)
     assert info.tokenizer_path.endswith("tokenizer.json") and info.train_tokens > 0

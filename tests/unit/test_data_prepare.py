@@ -13,7 +13,7 @@ import pytest
 from megatrain.config import Config
 from megatrain.data.dataset import load_tokenizer
 from megatrain.data.errors import DataError
-from megatrain.data.preprocess import prepare
+from tests.unit.data_calls import run_prepare
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda café 日本 🦊".split()
 
@@ -57,7 +57,7 @@ def test_text_files_round_trip_one_document_per_file(tmp_path):
     docs = make_docs(5) + ["contains <|endoftext|> literally"]
     for i, doc in enumerate(docs):
         (tmp_path / f"{i}.txt").write_text(doc)
-    out = prepare(config(tmp_path, str(tmp_path / "*.txt")))
+    out = run_prepare(config(tmp_path, str(tmp_path / "*.txt")))
     assert decoded(out) == docs
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["dtype"] == "uint16" and manifest["documents"] == len(docs)
@@ -76,15 +76,15 @@ def test_record_formats_round_trip_with_a_configurable_field(tmp_path, fmt):
         import csv
         with path.open("w", newline="") as f:
             csv.writer(f).writerows([["body"]] + [[d] for d in docs])
-    out = prepare(config(tmp_path, [str(path)], format=fmt, text_field="body"))
+    out = run_prepare(config(tmp_path, [str(path)], format=fmt, text_field="body"))
     assert decoded(out) == docs
 
 
 def test_text_units_split_files_into_paragraphs_or_lines(tmp_path):
     (tmp_path / "a.txt").write_text("one\ntwo\n\nthree\n\n\nfour\n")
-    assert decoded(prepare(config(tmp_path, str(tmp_path / "a.txt"), text_unit="paragraph"))) == \
+    assert decoded(run_prepare(config(tmp_path, str(tmp_path / "a.txt"), text_unit="paragraph"))) == \
         ["one\ntwo", "three", "four"]
-    assert decoded(prepare(config(tmp_path, str(tmp_path / "a.txt"), text_unit="line"))) == \
+    assert decoded(run_prepare(config(tmp_path, str(tmp_path / "a.txt"), text_unit="line"))) == \
         ["one", "two", "three", "four"]
 
 
@@ -92,8 +92,8 @@ def test_prepare_is_byte_identical_when_rerun(tmp_path):
     (tmp_path / "in").mkdir()
     for i, doc in enumerate(make_docs(40)):
         (tmp_path / "in" / f"{i:02d}.txt").write_text(doc)
-    first = prepare(config(tmp_path, str(tmp_path / "in"), output=str(tmp_path / "a"), shard_tokens=300))
-    second = prepare(config(tmp_path, str(tmp_path / "in"), output=str(tmp_path / "b"), shard_tokens=300))
+    first = run_prepare(config(tmp_path, str(tmp_path / "in"), output=str(tmp_path / "a"), shard_tokens=300))
+    second = run_prepare(config(tmp_path, str(tmp_path / "in"), output=str(tmp_path / "b"), shard_tokens=300))
     names = sorted(p.name for p in first.iterdir())
     assert names == sorted(p.name for p in second.iterdir()) and len(names) > 3
     for name in names:
@@ -103,7 +103,7 @@ def test_prepare_is_byte_identical_when_rerun(tmp_path):
 def test_shards_respect_the_token_bound_and_cover_every_document(tmp_path):
     docs = make_docs(60)
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    out = prepare(config(tmp_path, str(tmp_path / "in.jsonl"), format="jsonl", shard_tokens=200))
+    out = run_prepare(config(tmp_path, str(tmp_path / "in.jsonl"), format="jsonl", shard_tokens=200))
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["shards"]) > 3
     assert all(s["tokens"] <= 200 for s in manifest["shards"])
@@ -123,7 +123,7 @@ def test_vocab_beyond_uint16_is_stored_as_uint32(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     cfg = config(tmp_path, str(tmp_path / "a.txt"))
     cfg.tokenizer.path = str(tmp_path / "big.json")
-    out = prepare(cfg)
+    out = run_prepare(cfg)
     assert json.loads((out / "manifest.json").read_text())["dtype"] == "uint32"
     assert decoded(out) == ["hello"]
 
@@ -132,7 +132,7 @@ def test_bos_token_is_prepended_when_configured(tmp_path):
     (tmp_path / "a.txt").write_text("hello world")
     cfg = config(tmp_path, str(tmp_path / "a.txt"))
     cfg.tokenizer.bos_token = "<s>"
-    out = prepare(cfg)
+    out = run_prepare(cfg)
     [doc] = read_docs(out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert doc[0] == manifest["tokenizer"]["bos_id"] and doc[-1] == manifest["tokenizer"]["eod_id"]
@@ -141,15 +141,15 @@ def test_bos_token_is_prepended_when_configured(tmp_path):
 def test_rerun_replaces_a_prepared_dir_but_never_a_foreign_one(tmp_path):
     (tmp_path / "a.txt").write_text("first version")
     cfg = config(tmp_path, str(tmp_path / "a.txt"))
-    out = prepare(cfg)
+    out = run_prepare(cfg)
     (tmp_path / "a.txt").write_text("second version")
-    assert decoded(prepare(cfg)) == ["second version"]
+    assert decoded(run_prepare(cfg)) == ["second version"]
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     cfg.prepare.output = str(foreign)
     with pytest.raises(DataError, match="exists and is not a prepared dataset"):
-        prepare(cfg)
+        run_prepare(cfg)
     assert (foreign / "notes.txt").read_text() == "keep me"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
     assert out.exists()
@@ -158,11 +158,11 @@ def test_rerun_replaces_a_prepared_dir_but_never_a_foreign_one(tmp_path):
 def test_failed_prepare_keeps_the_previous_output_intact(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "good"}\n')
     cfg = config(tmp_path, str(tmp_path / "a.jsonl"), format="jsonl")
-    out = prepare(cfg)
+    out = run_prepare(cfg)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     (tmp_path / "a.jsonl").write_text('{"text": "good"}\n{"text": 3}\n')
     with pytest.raises(DataError):
-        prepare(cfg)
+        run_prepare(cfg)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "out"]
 
@@ -170,6 +170,6 @@ def test_failed_prepare_keeps_the_previous_output_intact(tmp_path):
 def test_tokens_in_shards_equal_a_direct_encoding(tmp_path):
     docs = make_docs(10)
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    out = prepare(config(tmp_path, str(tmp_path / "in.jsonl"), format="jsonl"))
+    out = run_prepare(config(tmp_path, str(tmp_path / "in.jsonl"), format="jsonl"))
     tok = load_tokenizer(str(out))
     assert [np.asarray(d[:-1]).tolist() for d in read_docs(out)] == [tok.encode(d).ids for d in docs]

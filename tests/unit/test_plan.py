@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from launcher.common import CONF_DIR
-from megatrain.config import Config, ModelConfig, register_configs, to_config
+from megatrain.config import Config, Layout, ModelConfig, register_configs, to_config
 from megatrain.model.init import init_parameter
 from megatrain.model.transformer import Transformer
 from megatrain.parallel.mesh import Mesh
@@ -43,7 +43,7 @@ def _config(model: ModelConfig, **sections) -> Config:
 @pytest.mark.parametrize("model", [LLAMA, GPT2], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_parameters_per_tp_rank_are_those_the_model_builds(model, tp):
-    built = Transformer(model, Mesh(tp=tp))  # shapes only: no collective runs at construction
+    built = Transformer(model, Mesh(Layout(tp=tp)))  # shapes only: no collective runs at construction
     assert stage_params(_config(model, parallel=dict(tp=tp))) == [sum(p.numel() for p in built.parameters())]
 
 
@@ -143,7 +143,7 @@ def test_search_ranks_only_fitting_layouts_best_throughput_first():
     assert all(p.fits and p.world == 8 for p in plans)
     rates = [p.tokens_per_s for p in plans]
     assert rates == sorted(rates, reverse=True)
-    assert {p.zero_stage for p in plans} != {0}  # unsharded 13B states (208 GB) cannot fit
+    assert {p.layout.zero_stage for p in plans} != {0}  # unsharded 13B states (208 GB) cannot fit
     assert search(preset("llama-70b", "train.seq_len=4096"), 1) == []
 
 

@@ -1,0 +1,151 @@
+"""Every use of a DeepSpeed internal (a private name, or an attribute its docs do not promise), in one place.
+
+megatrain is tested with DeepSpeed TESTED (pyproject allows that minor version only). Each function
+checks that the internal it relies on is still there and, if it is not, raises `InternalChanged`
+naming the installed DeepSpeed version, rather than training on silently wrong state;
+tests/unit/test_deepspeed_internals.py exercises every one against the installed DeepSpeed.
+DeepSpeed is imported inside the functions: its accelerator must be chosen before the first import.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+TESTED = "0.19"
+MASTER_PARTITIONS = ("fp32_partitioned_groups_flat",  # ZeRO-3
+                     "single_partition_of_fp32_groups",  # ZeRO-1/2
+                     "fp32_groups_flat_partition")  # DeepSpeed's BF16_Optimizer
+
+
+class InternalChanged(RuntimeError):
+    """The installed DeepSpeed lacks an internal megatrain relies on."""
+
+
+def _require(ok: bool, what: str) -> None:
+    if not ok:
+        import deepspeed
+
+        raise InternalChanged(f"DeepSpeed {deepspeed.__version__} no longer has {what}, which megatrain relies on; "
+                              f"megatrain is tested with DeepSpeed {TESTED}.x: install deepspeed=={TESTED}.*")
+
+
+def skip_shm_comm_op() -> None:
+    """deepspeed.init_distributed compiles a shared-memory op (~40 s on a fresh machine) training never uses."""
+    import deepspeed.ops
+
+    ops = deepspeed.ops.__compatible_ops__
+    _require(isinstance(ops, dict) and "deepspeed_shm_comm" in ops,
+             "deepspeed.ops.__compatible_ops__['deepspeed_shm_comm']")
+    ops["deepspeed_shm_comm"] = False
+
+
+def record_unsharded_grad_norm(engine: Any) -> None:
+    """Without ZeRO or bf16 DeepSpeed computes the norm it clips by, then drops it: keep it, so
+    engine.get_global_grad_norm() reports it as it does for every other layout."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    _require(callable(getattr(engine, "clip_fp32_gradients", None)) and hasattr(engine, "_global_grad_norm"),
+             "DeepSpeedEngine.clip_fp32_gradients / _global_grad_norm")
+
+    def clip_and_record() -> None:
+        engine._global_grad_norm = clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(),
+                                                   mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_record
+
+
+@functools.cache
+def staged_pipeline_module() -> type:
+    """A DeepSpeed PipelineModule whose stage boundaries are given (`stage_starts`), not computed by it.
+
+    DeepSpeed calls `_partition_layers` from inside PipelineModule.__init__ and offers no hook for
+    explicit boundaries, so the override sets them; they are stored with object.__setattr__
+    because nn.Module's attribute machinery does not exist yet at that point.
+    """
+    from deepspeed.pipe import PipelineModule
+
+    _require(all(hasattr(PipelineModule, name) for name in ("_partition_layers", "_set_bounds")),
+             "PipelineModule._partition_layers / _set_bounds")
+
+    class StagedPipelineModule(PipelineModule):
+        def __init__(self, layers: list, stage_starts: list[int], **kwargs: Any):
+            object.__setattr__(self, "_stage_starts", list(stage_starts))
+            super().__init__(layers, partition_method="given", **kwargs)
+
+        def _partition_layers(self, method: str = "given") -> None:
+            self.parts = self._stage_starts
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    return StagedPipelineModule
+
+
+def unpartitioned_shape(p: torch.Tensor) -> torch.Size:
+    """The shape of a parameter before ZeRO-3 partitioned it (its own shape otherwise)."""
+    if is_zero3_partitioned(p):
+        _require(hasattr(p, "ds_shape"), "the ds_shape of ZeRO-3 parameters")
+        return p.ds_shape
+    return p.shape
+
+
+def is_zero3_partitioned(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def base_optimizer(engine: Any) -> torch.optim.Optimizer:
+    """The torch optimizer DeepSpeed drives: ZeRO and the bf16 optimizer wrap it in `.optimizer`."""
+    wrapper = engine.optimizer
+    if isinstance(wrapper, torch.optim.Optimizer) and not hasattr(wrapper, "optimizer"):
+        return wrapper  # ZeRO-0 in fp32: the torch optimizer itself
+    _require(isinstance(getattr(wrapper, "optimizer", None), torch.optim.Optimizer),
+             f"{type(wrapper).__name__}.optimizer (the wrapped torch optimizer)")
+    return wrapper.optimizer
+
+
+def has_fp32_master(p: torch.Tensor) -> bool:
+    """Whether DeepSpeed links `p` to an fp32 master copy (ZeRO-1/2/3, BF16_Optimizer) that
+    deepspeed.utils.safe_get/set_full_* reach; if not, the torch optimizer's own state is keyed by `p`."""
+    return is_zero3_partitioned(p) or hasattr(p, "_hp_mapping")
+
+
+def master_partitions(engine: Any) -> list[torch.Tensor]:
+    """The fp32 tensors the torch optimizer keeps Adam state for.
+
+    ZeRO-3 puts its flat partitions into the optimizer's param groups only while it steps, so they
+    are read from the ZeRO optimizer; otherwise the optimizer's own param groups hold them (ZeRO-1/2
+    partitions, the fp32 copies of DeepSpeed's bf16 wrapper, or the parameters themselves).
+    """
+    for attr in MASTER_PARTITIONS:
+        if hasattr(engine.optimizer, attr):
+            return list(getattr(engine.optimizer, attr))
+    _require(type(engine.optimizer).__name__ != "DeepSpeedZeroOptimizer_Stage3",
+             "DeepSpeedZeroOptimizer_Stage3.fp32_partitioned_groups_flat")
+    return [q for group in base_optimizer(engine).param_groups for q in group["params"]]
+
+
+def relink_optimizer_state(engine: Any) -> None:
+    """Point every parameter of ZeRO-1/2 and the bf16 optimizer at its slice of the flat Adam state.
+
+    DeepSpeed links them once, right after the first parameter group's first step, so the other
+    groups (here: norms and biases) stay unlinked and their moments unreachable through
+    safe_get_full_optimizer_state; linking again once every group has state fixes that.
+    """
+    optimizer = engine.optimizer
+    if not any(hasattr(optimizer, attr) for attr in MASTER_PARTITIONS[1:]):
+        return  # ZeRO-3 and plain torch optimizers need no link
+    _require(callable(getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None))
+             and hasattr(optimizer, "_hp_optimizer_states_linked"),
+             f"{type(optimizer).__name__}._lazy_init_hp_params_optimizer_state / _hp_optimizer_states_linked")
+    optimizer._hp_optimizer_states_linked = False
+    optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def set_step_counters(engine: Any, step: int) -> None:
+    """The engine's own step and sample counters, as if it had trained `step` steps (a layout change)."""
+    _require(hasattr(engine, "global_steps") and hasattr(engine, "global_samples"),
+             "DeepSpeedEngine.global_steps / global_samples")
+    engine.global_steps = step
+    engine.global_samples = step * engine.train_batch_size()
