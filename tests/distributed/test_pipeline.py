@@ -57,3 +57,27 @@ def test_four_rank_3d_layouts_match_single_process(reference, parallel):
     losses = run_ranks(4, engine_losses, _cfg(**parallel), 3)
     assert all(rank_losses == losses[0] for rank_losses in losses)
     assert_same_curve(losses[0], reference["llama"])
+
+
+def built_blocks(rank: int, cfg) -> int:
+    """The transformer blocks this rank's pipeline stage holds, as the trainer builds it."""
+    import torch
+
+    from megatrain.engine.build import build_model, init_distributed
+    from megatrain.engine.deepspeed_config import deepspeed_config
+    from megatrain.model.pipeline import PipeBlock
+    from megatrain.parallel.mesh import Mesh
+
+    layout = validate(cfg, 2)
+    init_distributed(torch.device("cpu"))
+    model = build_model(cfg, Mesh.build(layout), deepspeed_config(cfg, layout))
+    return sum(isinstance(module, PipeBlock) for module in model.modules())
+
+
+def test_each_stage_builds_the_blocks_the_planner_reports():
+    from megatrain.plan import plan
+
+    cfg = make_config(dict(TINY, n_layers=8, vocab_size=32768), parallel=dict(pp=2), train=dict(seq_len=32))
+    built = tuple(run_ranks(2, built_blocks, cfg))
+    assert built == plan(cfg, 2).stage_blocks
+    assert built[0] > built[1]  # the head's stage holds fewer blocks

@@ -108,3 +108,12 @@ def test_global_batch_derives_gradient_accumulation():
     cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.global_batch_size = 32, 2, 16
     layout = validate(cfg, world_size=4)
     assert (layout.dp, layout.grad_accum) == (4, 2)
+
+
+def test_rope_tables_are_computed_once_per_shape():
+    """Pipeline stages build a block context per block and micro-batch: the tables must be reused."""
+    from megatrain.model.rope import rope_tables
+
+    first = rope_tables(64, 16, 10000.0, torch.device("cpu"))
+    assert rope_tables(64, 16, 10000.0, torch.device("cpu")) is first
+    assert rope_tables(128, 16, 10000.0, torch.device("cpu"))[0].shape == (128, 16)

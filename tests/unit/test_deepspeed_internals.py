@@ -1,0 +1,99 @@
+"""Every DeepSpeed internal megatrain touches (parallel/deepspeed_internals.py), checked against the installed
+DeepSpeed: when one changes, its test fails with the message naming the DeepSpeed version."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatrain.config import Config, Layout
+from megatrain.parallel import deepspeed_internals as ds
+from tests.distributed.harness import run_ranks
+from tests.distributed.workloads import make_config
+
+
+def _engine(cfg: Config):
+    from megatrain.engine.build import build_engine
+    from megatrain.parallel.mesh import Mesh
+
+    layout = Layout(zero_stage=cfg.parallel.zero_stage, micro_batch_size=cfg.train.micro_batch_size)
+    engine = build_engine(cfg, Mesh.build(layout), torch.device("cpu"))
+    ids = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.train.seq_len + 1))
+    engine.backward(engine(ids[:, :-1], ids[:, 1:]))
+    engine.step()
+    return engine
+
+
+def probe_internals(rank: int) -> dict:
+    """Use every internal once, in one process (world of 1), and report what each gave."""
+    import deepspeed.ops
+    from deepspeed.pipe import LayerSpec
+
+    from megatrain.engine.build import init_distributed
+
+    init_distributed(torch.device("cpu"))  # calls skip_shm_comm_op
+    out = {"shm_op_disabled": deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False}
+    # Stage bounds given for a 3-layer pipeline of one stage: DeepSpeed must keep exactly the first 2.
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    module = ds.staged_pipeline_module()([LayerSpec(torch.nn.Linear, 4, 4) for _ in range(3)], [0, 2],
+                                         topology=PipeModelDataParallelTopology(num_pp=1, num_mp=1, num_dp=1))
+    out["pipeline_layers_built"] = len(module.forward_funcs)
+    for zero, precision in ((0, "fp32"), (0, "bf16"), (1, "bf16"), (3, "bf16")):
+        cfg = make_config(train=dict(precision=precision, micro_batch_size=2, seq_len=16),
+                          parallel=dict(zero_stage=zero))
+        engine = _engine(cfg)
+        params = list(engine.module.parameters())
+        masters = ds.master_partitions(engine)
+        ds.relink_optimizer_state(engine)
+        ds.set_step_counters(engine, 7)
+        out[f"zero{zero}_{precision}"] = {
+            "grad_norm": engine.get_global_grad_norm(),
+            "base_is_torch": isinstance(ds.base_optimizer(engine), torch.optim.Optimizer),
+            "master_numel": sum(q.numel() for q in masters),
+            "param_numel": sum(int(torch.Size(ds.unpartitioned_shape(p)).numel()) for p in params),
+            "fp32_master": {ds.has_fp32_master(p) for p in params},
+            "zero3": {ds.is_zero3_partitioned(p) for p in params},
+            "steps": (engine.global_steps, engine.global_samples),
+        }
+    return out
+
+
+@pytest.fixture(scope="module")
+def probed() -> dict:
+    return run_ranks(1, probe_internals)[0]
+
+
+def test_the_shared_memory_op_is_switched_off_before_init(probed):
+    assert probed["shm_op_disabled"]
+
+
+def test_pipeline_module_builds_the_stage_bounds_it_is_given(probed):
+    assert probed["pipeline_layers_built"] == 2
+
+
+def test_grad_norm_is_recorded_without_zero_and_bf16(probed):
+    assert probed["zero0_fp32"]["grad_norm"] is not None and probed["zero0_fp32"]["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("layout", ["zero0_fp32", "zero0_bf16", "zero1_bf16", "zero3_bf16"])
+def test_optimizer_internals_reach_the_master_weights(probed, layout):
+    got = probed[layout]
+    assert got["base_is_torch"]
+    assert got["master_numel"] == got["param_numel"]  # one rank: the partitions hold every parameter
+    assert got["fp32_master"] == ({False} if layout.startswith("zero0") else {True})
+    assert got["zero3"] == ({True} if layout == "zero3_bf16" else {False})
+    assert got["steps"] == (7, 7 * 2)
+
+
+def test_a_missing_internal_names_the_deepspeed_version():
+    import deepspeed
+
+    class NotAnEngine:
+        optimizer = object()
+
+    with pytest.raises(ds.InternalChanged, match=f"DeepSpeed {deepspeed.__version__} no longer has "
+                                                 "DeepSpeedEngine.clip_fp32_gradients"):
+        ds.record_unsharded_grad_norm(NotAnEngine())
+    with pytest.raises(ds.InternalChanged, match=f"tested with DeepSpeed {ds.TESTED}"):
+        ds.base_optimizer(NotAnEngine())
