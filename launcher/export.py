@@ -19,9 +19,10 @@ def _export(cfg: DictConfig) -> None:
         if not checkpoint.is_dir():
             raise ConfigError(f"export.checkpoint={checkpoint}: no such checkpoint directory")
     else:
-        checkpoint = Checkpointer(Path(c.run.dir), keep_last=0, rank=0).find_latest()
+        checkpoint = Checkpointer(Path(c.run.dir), keep_last=0, rank=0).find_latest(with_portable=True)
         if checkpoint is None:
-            raise ConfigError(f"run.dir={c.run.dir} holds no complete checkpoint; give export.checkpoint=<path>")
+            raise ConfigError(f"run.dir={c.run.dir} holds no complete checkpoint with a portable copy; "
+                              "give export.checkpoint=<path>")
     try:
         arch = export_checkpoint(checkpoint, Path(c.export.output), c.export.dtype)
     except (FileNotFoundError, ValueError) as err:

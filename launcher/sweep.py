@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from launcher.common import hydra_main
 from megatrain.config import to_config
-from megatrain.scaling.sweep import plan, write_sweep
+from megatrain.scaling.sweep import plan, sweep_warnings, write_sweep
 
 
 def task(cfg) -> None:
@@ -28,6 +28,8 @@ def task(cfg) -> None:
         print(f"{p.name}: C={p.budget:.3g} N={p.params} ({p.params_total} total) D={p.tokens} "
               f"steps={p.steps} D/N={p.tokens_per_param:.3g}")
     print(f"{len(points)} runs; multirun command in {config.sweep.dir}/command.sh")
+    for warning in sweep_warnings(config, points):
+        print(f"warning: {warning}", file=sys.stderr)
     if config.sweep.launch:
         subprocess.run(argv, check=True)
 

@@ -28,7 +28,9 @@ def check_choice(key: str, value: Any, allowed: tuple) -> None:
 @dataclass
 class ModelConfig:
     name: str = "tiny"
-    vocab_size: int = 8192
+    # null: the data's tokenizer size, padded up to a multiple of vocab_multiple x parallel.tp
+    vocab_size: Optional[int] = 8192
+    vocab_multiple: int = 128
     d_model: int = 128
     n_layers: int = 2
     n_heads: int = 4
@@ -78,7 +80,7 @@ class TrainConfig:
     micro_batch_size: int = 4
     global_batch_size: Optional[int] = None  # None: micro_batch_size x DP (no accumulation)
     seq_len: int = 256
-    precision: str = "bf16"  # bf16 | fp32
+    precision: str = "bf16"  # bf16 | fp32 | auto (bf16 on CUDA and on CPUs with native bf16, else fp32)
     seed: int = 1234
     activation_checkpointing: str = "none"  # none | full | selective
     grad_clip: float = 1.0
@@ -87,6 +89,7 @@ class TrainConfig:
     eval_steps: int = 10
     save_interval: int = 0  # 0: save only at the end
     keep_last: int = 3
+    portable_every: int = 1  # write the portable copy every k-th periodic save (always at the end)
     resume: str = "auto"  # auto | none | <checkpoint path>
     init_from: Optional[str] = None  # a Hugging Face directory (Llama / GPT-2) to start from; resume wins
     compile: bool = False
@@ -106,6 +109,9 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 10
     schedule: str = "cosine"  # cosine | linear | constant
+    # When a run resumes with another train.steps: keep the saved schedule (and hold its final lr past
+    # its end) or stretch it over the new length (the lr then jumps)
+    resume_schedule: str = "keep"  # keep | stretch
 
 
 @dataclass
@@ -258,6 +264,22 @@ class Layout:
         return {**asdict(self), "world": self.world, "global_batch_size": self.global_batch_size}
 
 
+def config_warnings(cfg: Config) -> list[str]:
+    """What a valid config may not mean what was asked: the run goes on, the message says why it may not."""
+    out = []
+    optim, steps = cfg.optim, cfg.train.steps
+    if optim.warmup_steps > steps:
+        out.append(f"optim.warmup_steps={optim.warmup_steps} is more than train.steps={steps}: the run ends during "
+                   f"warmup, before the learning rate reaches optim.lr={optim.lr:g}")
+    return out
+
+
+def padded_vocab_size(tokenizer_vocab: int, multiple: int, tp: int) -> int:
+    """The smallest multiple of `multiple` x `tp` that holds every token id."""
+    step = multiple * tp
+    return -(-tokenizer_vocab // step) * step
+
+
 def to_config(cfg: DictConfig | Config) -> Config:
     """A typed Config object from a Hydra DictConfig (or pass one through)."""
     if isinstance(cfg, Config):
@@ -269,8 +291,8 @@ def validate_model(model: ModelConfig, tp: int = 1) -> None:
     check_choice("model.norm", model.norm, ("rmsnorm", "layernorm"))
     check_choice("model.position", model.position, ("rope", "learned"))
     check_choice("model.activation", model.activation, ("swiglu", "gelu"))
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-        if getattr(model, key) <= 0:
+    for key in ("vocab_size", "vocab_multiple", "d_model", "n_layers", "n_heads", "max_seq_len"):
+        if getattr(model, key) is not None and getattr(model, key) <= 0:  # vocab_size null: sized from the data
             raise ConfigError(f"model.{key}={getattr(model, key)} must be positive")
     if model.d_model % model.n_heads:
         raise ConfigError(f"model.d_model={model.d_model} must be divisible by model.n_heads={model.n_heads}")
@@ -281,7 +303,7 @@ def validate_model(model: ModelConfig, tp: int = 1) -> None:
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError(f"model.dropout={model.dropout} must be in [0, 1)")
     for key, value in (("model.n_heads", model.n_heads), ("model.n_kv_heads", model.kv_heads),
-                       ("model.ffn_hidden", model.ffn_dim), ("model.vocab_size", model.vocab_size)):
+                       ("model.ffn_hidden", model.ffn_dim), ("model.vocab_size", model.vocab_size or 0)):
         if value % tp:
             raise ConfigError(f"{key}={value} is not divisible by parallel.tp={tp}; "
                               f"tensor parallelism splits it evenly across ranks")
@@ -299,10 +321,11 @@ def validate(cfg: Config, world_size: int) -> Layout:
             raise ConfigError(f"parallel.{key}={getattr(par, key)} must be >= 1")
     validate_model(model, par.tp)
     check_choice("parallel.zero_stage", par.zero_stage, (0, 1, 2, 3))
-    check_choice("train.precision", train.precision, ("bf16", "fp32"))
+    check_choice("train.precision", train.precision, ("bf16", "fp32", "auto"))
     check_choice("train.activation_checkpointing", train.activation_checkpointing, ("none", "full", "selective"))
     check_choice("train.device", train.device, ("auto", "cpu", "cuda"))
     check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
+    check_choice("optim.resume_schedule", cfg.optim.resume_schedule, ("keep", "stretch"))
     check_choice("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline", "disabled"))
     if world_size % (par.tp * par.pp):
         raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
@@ -324,7 +347,7 @@ def validate(cfg: Config, world_size: int) -> Layout:
                           "with sequence parallelism")
     if train.seq_len > model.max_seq_len:
         raise ConfigError(f"train.seq_len={train.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
-    for key in ("steps", "micro_batch_size", "seq_len", "log_interval"):
+    for key in ("steps", "micro_batch_size", "seq_len", "log_interval", "portable_every"):
         if getattr(train, key) <= 0:
             raise ConfigError(f"train.{key}={getattr(train, key)} must be positive")
     dp = world_size // (par.tp * par.pp)

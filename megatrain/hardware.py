@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -57,3 +58,13 @@ def peak_flops(accelerator: Accelerator, precision: str) -> float | None:
 
 def names() -> list[str]:
     return [a.name for a in ACCELERATORS]
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX). Without them bf16 matmuls are emulated:
+    on an AVX2-only AMD EPYC of this project's CI pool, 0.0008 TFLOP/s against 0.09 in fp32 (2 threads)."""
+    try:
+        flags = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None

@@ -19,7 +19,9 @@ import itertools
 from dataclasses import dataclass, replace
 
 from megatrain import hardware
-from megatrain.config import Config, ConfigError, Layout, ModelConfig, to_config, validate
+from megatrain.config import Config, ConfigError, Layout, ModelConfig, padded_vocab_size, to_config, validate
+from megatrain.data.errors import DataError
+from megatrain.data.manifest import vocab_from_data
 from megatrain.parallel.stages import bubble_fraction, stage_layers
 from megatrain.scaling.flops import ParamCounts, param_counts, training_flops_per_token
 
@@ -227,9 +229,25 @@ def _step_time(cfg: Config, layout: Layout, checkpointing: str, params: int) -> 
 # ---------------------------------------------------------------- plans
 
 
+def with_vocab(cfg: Config) -> Config:
+    """`cfg` with model.vocab_size set: as given, or (null) sized from data.path's tokenizer as training sizes it;
+    train.precision=auto plans bf16 (what it is on GPUs)."""
+    if cfg.train.precision == "auto":
+        cfg = replace(cfg, train=replace(cfg.train, precision="bf16"))
+    if cfg.model.vocab_size is not None:
+        return cfg
+    try:
+        tokenizer_vocab = vocab_from_data(cfg.data, cfg.model.vocab_multiple, 1).tokenizer_vocab
+    except DataError as err:
+        raise ConfigError(f"model.vocab_size is null (sized from the data's tokenizer) and the data cannot be read "
+                          f"({err}); give model.vocab_size=<n> to plan without data") from None
+    vocab = padded_vocab_size(tokenizer_vocab, cfg.model.vocab_multiple, cfg.parallel.tp)
+    return replace(cfg, model=replace(cfg.model, vocab_size=vocab))
+
+
 def plan(cfg: Config, world_size: int | None = None) -> Plan:
     """The plan of `cfg` as configured, on `world_size` ranks (default: plan.num_gpus or tp x pp)."""
-    cfg = to_config(cfg)
+    cfg = with_vocab(to_config(cfg))
     train = cfg.train
     world = world_size or cfg.plan.num_gpus or cfg.parallel.tp * cfg.parallel.pp
     layout = validate(cfg, world)

@@ -11,7 +11,6 @@ the sample counter and one counter per dataset, so resume is exact.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 
 from megatrain.config import DataConfig, TokenizerConfig
 from megatrain.data.errors import DataError
-from megatrain.data.manifest import read_manifest
+from megatrain.data.manifest import parse_blend, read_manifest
 from megatrain.data.shards import Stream, check_tokenizer_file, open_split, verify_checksums
 from megatrain.data.tokenizer import load_tokenizer, special_ids, tokenizer_hash  # load_tokenizer: public API
 
@@ -37,25 +36,6 @@ class DataInfo:
     valid_tokens: int
 
 
-def parse_blend(data: DataConfig) -> list[tuple[str, float]]:
-    """(directory, weight) pairs from data.blend ("dir:weight"), or data.path alone; weights sum to 1."""
-    if not data.blend:
-        return [(data.path, 1.0)]
-    pairs = []
-    for entry in data.blend:
-        path, _, weight = str(entry).rpartition(":")
-        try:
-            w = float(weight)
-        except ValueError:
-            w = -1.0
-        if not path or not (w > 0 and math.isfinite(w)):
-            raise DataError(f"data.blend entry {entry!r} must be '<prepared dir>:<weight>' with a weight "
-                            "> 0, e.g. data.blend=[data/web:0.7,data/code:0.3]")
-        pairs.append((path, w))
-    total = sum(w for _, w in pairs)
-    return [(p, w / total) for p, w in pairs]
-
-
 def _valid_fraction(data: DataConfig) -> float:
     f = data.valid_fraction
     if not 0.0 <= f < 1.0:
@@ -63,14 +43,30 @@ def _valid_fraction(data: DataConfig) -> float:
     return 0.0 if data.valid_path else f
 
 
+def _check_windows(name: str, stream: Stream, seq_len: int, batch: int, fix: str) -> None:
+    """A split must fill one micro-batch on every DP rank: the loader reads `batch` windows per step."""
+    windows = stream.windows(seq_len)
+    if windows == 0:
+        raise DataError(f"{name}: {stream.tokens} tokens, fewer than one window of train.seq_len + 1 = "
+                        f"{seq_len + 1}; {fix}")
+    if windows < batch:
+        raise DataError(f"{name}: {windows} windows of train.seq_len + 1 = {seq_len + 1} tokens, fewer than "
+                        f"train.micro_batch_size x DP = {batch} read per step; {fix}")
+
+
 def check_data(data: DataConfig, tokenizer: TokenizerConfig, *, seq_len: int, model_vocab_size: int,
-               hash_shards: bool = True) -> DataInfo:
+               batch: int = 1, evaluate: bool = False, hash_shards: bool = True) -> DataInfo:
     """Everything about the data that can fail, checked before any process group exists.
 
-    `hash_shards`: verify every shard's sha256 (cached per shard). One rank of a job does it; the
-    others check sizes only, and a mismatch found by that rank stops the whole job.
+    `batch`: windows one step reads across DP ranks (micro_batch_size x DP); `evaluate`: the run
+    evaluates, so the validation split must fill a batch too. `hash_shards`: verify every shard's
+    sha256 (cached per shard). One rank of a job does it; the others check sizes only, and a
+    mismatch found by that rank stops the whole job.
     """
     fraction = _valid_fraction(data)
+    if evaluate and not fraction and not data.valid_path:
+        raise DataError("train.eval_interval > 0 needs validation data: set data.valid_fraction > 0 or "
+                        "data.valid_path, or train.eval_interval=0 to train without eval")
     dirs = [p for p, _ in parse_blend(data)] + ([data.valid_path] if data.valid_path else [])
     manifests = {d: read_manifest(d) for d in dirs}
     first = dirs[0]
@@ -94,17 +90,24 @@ def check_data(data: DataConfig, tokenizer: TokenizerConfig, *, seq_len: int, mo
         raise DataError(f"the tokenizer of {first} has {want['vocab_size']} tokens, more than "
                         f"model.vocab_size={model_vocab_size}; set model.vocab_size >= {want['vocab_size']}")
     train = valid = 0
+    valid_fix = (f"raise data.valid_fraction (now {data.valid_fraction}) or give data.valid_path, lower the batch, "
+                 "or set train.eval_interval=0")
     for d, _ in parse_blend(data):
         stream = open_split(d, manifests[d], "train", fraction)
-        if stream.windows(seq_len) == 0:
-            raise DataError(f"{d}: {stream.tokens} train tokens, fewer than one window of "
-                            f"train.seq_len + 1 = {seq_len + 1}; prepare more data or lower train.seq_len "
-                            "or data.valid_fraction")
+        _check_windows(f"{d} (train split)", stream, seq_len, batch,
+                       "prepare more data or lower train.seq_len, train.micro_batch_size or data.valid_fraction")
         train += stream.tokens
         if fraction:
-            valid += open_split(d, manifests[d], "valid", fraction).tokens
+            held_out = open_split(d, manifests[d], "valid", fraction)
+            if evaluate:
+                _check_windows(f"{d} (validation split)", held_out, seq_len, batch, valid_fix)
+            valid += held_out.tokens
     if data.valid_path:
-        valid = open_split(data.valid_path, manifests[data.valid_path], "all", 0.0).tokens
+        held_out = open_split(data.valid_path, manifests[data.valid_path], "all", 0.0)
+        if evaluate:
+            _check_windows(f"data.valid_path={data.valid_path}", held_out, seq_len, batch,
+                           "prepare more validation data or lower the batch, or set train.eval_interval=0")
+        valid = held_out.tokens
     return DataInfo(vocab_size=want["vocab_size"], eod_id=want["eod_id"],
                     tokenizer_path=str(Path(first) / want["file"]), tokenizer_sha256=want["sha256"],
                     train_tokens=train, valid_tokens=valid)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from megatrain.config import DataConfig, padded_vocab_size
 from megatrain.data.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -50,3 +53,43 @@ def read_manifest(directory: str | Path) -> dict:
         raise DataError(f"{path}: format_version={manifest.get('format_version')!r}, this megatrain reads "
                         f"{FORMAT_VERSION}; re-run launcher.prepare")
     return manifest
+
+
+def parse_blend(data: DataConfig) -> list[tuple[str, float]]:
+    """(directory, weight) pairs from data.blend ("dir:weight"), or data.path alone; weights sum to 1."""
+    if not data.blend:
+        return [(data.path, 1.0)]
+    pairs = []
+    for entry in data.blend:
+        path, _, weight = str(entry).rpartition(":")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = -1.0
+        if not path or not (w > 0 and math.isfinite(w)):
+            raise DataError(f"data.blend entry {entry!r} must be '<prepared dir>:<weight>' with a weight "
+                            "> 0, e.g. data.blend=[data/web:0.7,data/code:0.3]")
+        pairs.append((path, w))
+    total = sum(w for _, w in pairs)
+    return [(p, w / total) for p, w in pairs]
+
+
+@dataclass(frozen=True)
+class VocabChoice:
+    """The model vocabulary sized from the data's tokenizer (model.vocab_size=null)."""
+
+    vocab_size: int  # the model's: the tokenizer's, padded
+    tokenizer_vocab: int
+    source: str  # the prepared dataset whose tokenizer sized it
+
+    @property
+    def padding(self) -> int:
+        return self.vocab_size - self.tokenizer_vocab
+
+
+def vocab_from_data(data: DataConfig, multiple: int, tp: int) -> VocabChoice:
+    """The tokenizer size of the run's (first) dataset, padded up to a multiple of `multiple` x `tp`
+    (Megatron's rule: every TP shard of the embedding holds whole, aligned blocks of rows)."""
+    directory = parse_blend(data)[0][0]
+    tokenizer_vocab = int(read_manifest(directory)["tokenizer"]["vocab_size"])
+    return VocabChoice(padded_vocab_size(tokenizer_vocab, multiple, tp), tokenizer_vocab, directory)

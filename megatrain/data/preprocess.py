@@ -167,9 +167,7 @@ def prepare(spec: PrepareConfig, tokenizer_cfg: TokenizerConfig, progress: bool 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-               TextColumn("{task.fields[docs]:,} docs  {task.fields[tokens]:,} tokens  "
-                          "{task.fields[rate]:,.0f} tok/s"),
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn())
     try:
         with Progress(*columns, disable=not progress, transient=False) as bar:
@@ -180,13 +178,14 @@ def prepare(spec: PrepareConfig, tokenizer_cfg: TokenizerConfig, progress: bool 
             dtype = np.dtype(np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.uint32)
             writer = ShardWriter(tmp, dtype, ids, spec.shard_tokens)
             stats = ReadStats()
-            task = bar.add_task("tokenizing", total=total_bytes, docs=0, tokens=0, rate=0.0)
+            task = bar.add_task("tokenizing", total=total_bytes, info="")
             start, tokens = time.perf_counter(), 0
             for batch in _encode_stream(tok, iter_documents(files, spec, stats)):
                 writer.add(batch)
                 tokens += sum(map(len, batch)) + len(batch) * (1 + (ids.bos is not None))
                 rate = tokens / max(time.perf_counter() - start, 1e-9)
-                bar.update(task, completed=stats.bytes_read, docs=stats.documents, tokens=tokens, rate=rate)
+                bar.update(task, completed=stats.bytes_read,
+                           info=f"{stats.documents:,} docs  {tokens:,} tokens  {rate:,.0f} tok/s")
             shards = writer.close()
         if not stats.documents:
             raise DataError(f"prepare.input: no documents in {len(files)} file(s) ({stats.empty} empty, "
@@ -218,13 +217,19 @@ def _tokenizer(spec: PrepareConfig, tokenizer_cfg: TokenizerConfig, files: list,
         return tk.load_tokenizer(tokenizer_cfg.path)
     limit = tokenizer_cfg.train_bytes or total_bytes
     stats = ReadStats()
-    task = bar.add_task("training tokenizer", total=min(limit, total_bytes), docs=0, tokens=0, rate=0.0)
+    task = bar.add_task("training tokenizer", total=min(limit, total_bytes), info="")
 
     def texts() -> Iterator[str]:
         for doc in iter_documents(files, spec, stats):
             yield doc
-            bar.update(task, completed=min(stats.bytes_read, limit), docs=stats.documents)
+            bar.update(task, completed=min(stats.bytes_read, limit),
+                       info=f"{stats.documents:,} docs  {stats.bytes_read / 1e6:,.1f} MB read")
             if stats.bytes_read >= limit:
                 return
 
-    return tk.train_tokenizer(texts(), tokenizer_cfg)
+    tok = tk.train_tokenizer(texts(), tokenizer_cfg)
+    if tok.get_vocab_size() < tokenizer_cfg.vocab_size:
+        print(f"warning: tokenizer.vocab_size={tokenizer_cfg.vocab_size:,} was asked, but {stats.bytes_read:,} bytes "
+              f"of text give only {tok.get_vocab_size():,} tokens (no pair left that occurs tokenizer.min_frequency="
+              f"{tokenizer_cfg.min_frequency} times); train on more text or ask for fewer tokens", file=sys.stderr)
+    return tok

@@ -10,10 +10,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatrain import hardware
 from megatrain.config import Config
 from megatrain.engine.deepspeed_config import deepspeed_config
 from megatrain.engine.dist_env import DistEnv
-from megatrain.engine.schedule import build_scheduler
+from megatrain.engine.schedule import Schedule
 from megatrain.model.init import canonical_parameters, init_parameter
 from megatrain.model.transformer import Block, Transformer
 from megatrain.parallel import deepspeed_internals as ds
@@ -32,6 +33,11 @@ def pick_device(cfg: Config, env: DistEnv) -> torch.device:
         torch.cuda.set_device(env.local_rank)
         return torch.device("cuda", env.local_rank)
     return torch.device("cpu")
+
+
+def resolve_precision(device: torch.device) -> str:
+    """train.precision=auto: bf16 where the hardware runs it natively (CUDA, CPUs with AVX512-BF16 or AMX)."""
+    return "bf16" if device.type == "cuda" or hardware.cpu_has_native_bf16() else "fp32"
 
 
 def init_distributed(device: torch.device) -> None:
@@ -94,7 +100,7 @@ def build_engine(cfg: Config, mesh: Mesh, device: torch.device):
     optim = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
                                   betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True)
-    scheduler = build_scheduler(optimizer, optim, cfg.train.steps)
+    scheduler = Schedule(optimizer, optim, cfg.train.steps)
     # A pipeline module brings its own process grid; otherwise DeepSpeed learns DP and TP from the mesh.
     mpu = None if mesh.pp > 1 else mesh
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

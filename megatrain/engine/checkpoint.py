@@ -98,8 +98,11 @@ class Checkpointer:
         self.root = run_dir / "checkpoints"
         self.keep_last, self.rank, self.context = keep_last, rank, context
 
-    def save(self, engine: Any, step: int, trainer_state: dict[str, Any]) -> Path:
-        """Collective: every rank calls it. Returns the published checkpoint directory."""
+    def save(self, engine: Any, step: int, trainer_state: dict[str, Any], with_portable: bool = True) -> Path:
+        """Collective: every rank calls it. Returns the published checkpoint directory.
+
+        `with_portable`: also write the layout-independent copy (what a layout change and export read).
+        """
         tag = tag_for(step)
         partial, final = self.root / f".partial-{tag}", self.root / tag
         if self.rank == 0:
@@ -110,8 +113,9 @@ class Checkpointer:
         meta: dict[str, Any] = {}
         if self.context is not None:
             run = self.context
-            portable.save(engine, run.mesh, partial / PORTABLE_DIR, step=step, model=run.cfg.model,
-                          tokenizer_path=run.tokenizer_path, eod_id=run.eod_id)
+            if with_portable:
+                portable.save(engine, run.mesh, partial / PORTABLE_DIR, step=step, model=run.cfg.model,
+                              tokenizer_path=run.tokenizer_path, eod_id=run.eod_id)
             meta = {"layout": run.mesh.layout.record(), "precision": run.cfg.train.precision}
         (partial / "trainer").mkdir(parents=True, exist_ok=True)
         torch.save({**trainer_state, "rng": rng_state()}, partial / "trainer" / f"rank_{self.rank:05d}.pt")
@@ -142,12 +146,15 @@ class Checkpointer:
             return []
         return sorted(p for p in self.root.glob("step_*") if p.is_dir())
 
-    def find_latest(self) -> Path | None:
-        """The newest checkpoint that is whole; damaged ones are skipped with a warning naming them."""
+    def find_latest(self, with_portable: bool = False) -> Path | None:
+        """The newest checkpoint that is whole (and, `with_portable`, holds a portable copy); damaged ones are
+        skipped with a warning naming them."""
         for stale in sorted(self.root.glob(".partial-*")) if self.root.exists() else []:
             log.warning("ignoring %s: a save that never finished (the process was killed while writing it)", stale)
         for path in reversed(self.complete()):
             problem = verify(path)
+            if problem is None and with_portable and not (path / PORTABLE_DIR).is_dir():
+                problem = "no portable copy (saved with train.portable_every > 1)"
             if problem is None:
                 return path
             log.warning("skipping checkpoint %s: %s", path, problem)
@@ -172,8 +179,10 @@ class Checkpointer:
                 raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
         else:
             if not (path / PORTABLE_DIR).is_dir():
-                raise RuntimeError(f"checkpoint {path} was written with {saved} and has no {PORTABLE_DIR}/ copy; "
-                                   f"resume it with that layout")
+                older = [p for p in self.complete() if (p / PORTABLE_DIR).is_dir()]
+                hint = f", or resume from {older[-1]} (the newest with one: train.resume=<path>)" if older else ""
+                raise ConfigError(f"checkpoint {path} was written with {_fmt(saved)} and has no portable copy "
+                                  f"(train.portable_every > 1): resume it with that layout{hint}")
             log.warning("checkpoint %s was written with %s; this run is %s: loading its portable copy",
                         path, _fmt(saved), _fmt(now))
             portable.load(engine, self.context.mesh, path / PORTABLE_DIR)

@@ -20,6 +20,33 @@ def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
     return optim.min_lr + (optim.lr - optim.min_lr) * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, optim, total_steps) / optim.lr)
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """lr_at as a torch scheduler. Its length is an attribute, so it is saved in the state_dict
+    (DeepSpeed's checkpoint, the portable copy) and a resumed run knows the original one."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int):
+        self.total_steps = total_steps
+        super().__init__(optimizer, lambda step: lr_at(step, optim, self.total_steps) / optim.lr)
+
+
+def on_resume(scheduler: Schedule, optim: OptimConfig, train_steps: int) -> str | None:
+    """After loading a checkpoint: keep the saved schedule length or re-stretch it to `train_steps`
+    (optim.resume_schedule); returns what changed for the log, or None when nothing did."""
+    saved = scheduler.total_steps
+    step = scheduler.last_epoch  # optimizer steps taken: the next step's lr is lr_at(step)
+    if saved == train_steps:
+        return None
+    kept, stretched = lr_at(step, optim, saved), lr_at(step, optim, train_steps)
+    if optim.resume_schedule == "stretch":
+        scheduler.total_steps = train_steps
+        for group in scheduler.optimizer.param_groups:
+            group["lr"] = stretched  # the scheduler sets rates only when it steps; the next step needs this one
+        return (f"train.steps changed from {saved} to {train_steps}: the LR schedule is re-stretched over "
+                f"{train_steps} steps (optim.resume_schedule=stretch): the next lr is {stretched:.3g} "
+                f"instead of {kept:.3g}")
+    if kept == stretched:
+        return None
+    return (f"train.steps changed from {saved} to {train_steps}: the LR schedule keeps its {saved}-step shape "
+            f"(optim.resume_schedule=keep) and holds its final lr {lr_at(saved, optim, saved):.3g} after step "
+            f"{saved}; optim.resume_schedule=stretch would re-stretch it, moving the next lr from {kept:.3g} to "
+            f"{stretched:.3g}")

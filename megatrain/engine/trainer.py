@@ -14,11 +14,13 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from megatrain.config import Config, ConfigError, validate
+from megatrain.config import Config, ConfigError, config_warnings, validate
 from megatrain.data.dataset import build_loader, check_data, load_tokenizer
-from megatrain.engine.build import build_engine, init_distributed, pick_device
+from megatrain.data.manifest import vocab_from_data
+from megatrain.engine.build import build_engine, init_distributed, pick_device, resolve_precision
 from megatrain.engine.checkpoint import Checkpointer, RunContext
 from megatrain.engine.dist_env import export_dist_env, resolve_dist_env
+from megatrain.engine.schedule import on_resume
 from megatrain.engine.step import eval_loss, train_step
 from megatrain.observe.logger import MetricsLogger, setup_console_logging
 from megatrain.observe.meters import StepTimer, memory_stats, peak_flops
@@ -86,13 +88,28 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     env = resolve_dist_env()
     export_dist_env(env)
     setup_console_logging(env.rank)
+    device = pick_device(cfg, env)
+    if cfg.train.precision == "auto":
+        cfg.train.precision = raw["train"]["precision"] = resolve_precision(device)
+        log.info("train.precision=auto: %s on this %s", cfg.train.precision, device.type)
+    elif cfg.train.precision == "bf16" and resolve_precision(device) == "fp32" and env.rank == 0:
+        log.warning("train.precision=bf16 on a CPU without bf16 instructions (AVX512-BF16 / AMX): bf16 matmuls are "
+                    "emulated, far slower than fp32 here; train.precision=auto picks fp32 on such a CPU")
     layout = validate(cfg, env.world_size)
+    for warning in config_warnings(cfg) if env.rank == 0 else ():
+        log.warning("%s", warning)
+    if cfg.model.vocab_size is None:  # sized from the data's tokenizer, padded: divisible by TP
+        vocab = vocab_from_data(cfg.data, cfg.model.vocab_multiple, cfg.parallel.tp)
+        cfg.model.vocab_size = raw["model"]["vocab_size"] = vocab.vocab_size
+        log.info("model.vocab_size=%d: the tokenizer of %s has %d tokens, padded by %d to a multiple of "
+                 "model.vocab_multiple x parallel.tp = %d x %d", vocab.vocab_size, vocab.source,
+                 vocab.tokenizer_vocab, vocab.padding, cfg.model.vocab_multiple, cfg.parallel.tp)
     # Before any process group: a bad dataset costs seconds, not a queue wait. Rank 0 hashes the shards.
     data = check_data(cfg.data, cfg.tokenizer, seq_len=cfg.train.seq_len, model_vocab_size=cfg.model.vocab_size,
+                      batch=layout.micro_batch_size * layout.dp, evaluate=cfg.train.eval_interval > 0,
                       hash_shards=env.rank == 0)
     run_dir = prepare_run_dir(cfg, raw, env.rank)
 
-    device = pick_device(cfg, env)
     init_distributed(device)
     mesh = Mesh.build(layout)
     torch.manual_seed(cfg.train.seed)
@@ -108,6 +125,9 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     if resume_from is not None:
         state = checkpointer.load(engine, resume_from)
         step, tokens = state["step"], state["tokens"]
+        change = on_resume(engine.lr_scheduler, cfg.optim, cfg.train.steps)
+        if change and env.rank == 0:
+            log.warning("%s", change)
         loader.load_state_dict(state["data"])
         if env.rank == 0:
             _drop_rows_after(run_dir / "metrics.jsonl", step)
@@ -124,11 +144,12 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
     peak, peak_source = peak_flops(device, cfg.train.precision)
     tokens_per_step = layout.global_batch_size * cfg.train.seq_len
-    log.info("model %s: %s params (%s non-embedding) | layout tp=%d pp=%d dp=%d zero=%d | global batch %d "
+    log.info("model %s: %s params (%s non-embedding) | layout tp=%d pp=%d dp=%d zero=%d sp=%s | global batch %d "
              "(micro %d x accum %d x dp %d) | peak %.1f TFLOP/s/device (%s)", cfg.model.name,
              f"{counts.total:,}", f"{counts.non_embedding:,}", layout.tp, layout.pp, layout.dp,
-             layout.zero_stage, layout.global_batch_size, layout.micro_batch_size, layout.grad_accum,
-             layout.dp, peak / 1e12, peak_source)
+             layout.zero_stage, "on" if layout.sequence_parallel else "off", layout.global_batch_size,
+             layout.micro_batch_size, layout.grad_accum, layout.dp, peak / 1e12, peak_source)
+
 
     metrics = MetricsLogger(run_dir, enabled=env.rank == 0, total_steps=cfg.train.steps, start_step=step,
                             wandb_mode=cfg.logging.wandb_mode, wandb_project=cfg.logging.wandb_project,
@@ -140,8 +161,15 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     last_loss = last_eval = float("nan")
     window_start, window_steps = time.perf_counter(), 0
 
-    def save() -> None:
-        checkpointer.save(engine, step, {"step": step, "tokens": tokens, "data": loader.state_dict()})
+    def save(final: bool = False) -> None:
+        # The portable copy doubles save time and size: every train.portable_every-th periodic save, always the last.
+        every, interval = cfg.train.portable_every, cfg.train.save_interval
+        portable = final or every == 1 or (interval > 0 and step % (interval * every) == 0)
+        start = time.perf_counter()
+        path = checkpointer.save(engine, step, {"step": step, "tokens": tokens, "data": loader.state_dict()},
+                                 with_portable=portable)
+        metrics.note(f"saved step {step} to {path} in {time.perf_counter() - start:.1f} s"
+                     + ("" if portable else " (no portable copy: train.portable_every)"))
 
     exit_code = 0
     while step < cfg.train.steps:
@@ -178,12 +206,13 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
             exit_code = EXIT_PREEMPTED
             break
         if step == cfg.train.steps or (cfg.train.save_interval and step % cfg.train.save_interval == 0):
-            save()
+            save(final=step == cfg.train.steps)
 
     if exit_code == 0:
         if cfg.train.sample_tokens > 0 and layout.pp == 1:  # sampling through pipeline stages: not yet
             _print_sample(engine, cfg, data.tokenizer_path, device, env.rank)
         summary = {"params_total": counts.total, "params_non_embedding": counts.non_embedding,
+                   "vocab_size": cfg.model.vocab_size, "tokenizer_vocab_size": data.vocab_size,
                    "tokens": tokens, "flops": tokens * flops_per_token, "steps": step,
                    "final_loss": last_loss, "final_eval_loss": last_eval,
                    "layout": layout.record(), "zero_stage": layout.zero_stage}

@@ -54,10 +54,21 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         status = _status(row)
-        if self.progress is not None:
-            self.progress.update(self.task, completed=row["step"], status=status)
-        else:
+        if self.progress is None:
             log.info("step %d | %s", row["step"], status)
+            return
+        self.progress.update(self.task, completed=row["step"], status=status)
+        if "eval_loss" in row:  # the bar shows the latest row only: keep evals on screen above it
+            self.progress.console.print(f"step {row['step']} | {status}")
+
+    def note(self, message: str) -> None:
+        """A line for the user (a save, a resume): above the progress bar, or in the log."""
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.console.print(message)
+        else:
+            log.info("%s", message)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.enabled and self.wandb is not None:

@@ -80,8 +80,18 @@ def allocation(points: list[Point], fits: dict, budget: float, path: Path) -> Pa
     ax.axvline(budget, color="gray", ls=":", label=f"budget {budget:.2g}")
     ax.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel="optimal N",
            title="Compute-optimal model size")
+    _log_ticks(ax)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _log_ticks(ax: plt.Axes, count: int = 5) -> None:
+    """Evenly spaced labelled ticks on both log axes: matplotlib labels minor ticks when a span is under a
+    decade, and those labels overlap or leave the outermost ticks bare."""
+    ax.minorticks_off()
+    for axis, limits in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+        axis.set_major_locator(matplotlib.ticker.FixedLocator(np.geomspace(*limits, count)))
+        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:.2g}"))
 
 
 def surface(points: list[Point], fit: ParametricFit, path: Path) -> Path:

@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from megatrain.config import Config, ModelConfig
+from megatrain.data.manifest import parse_blend, read_manifest, vocab_from_data
 from megatrain.scaling.flops import param_counts, training_flops_per_token
 
 GROUP = "scaling_point"
@@ -89,8 +90,21 @@ def model_shapes(cfg: Config, max_layers: int = 256) -> list[ModelConfig]:
     return chosen
 
 
+def _with_vocab(cfg: Config) -> Config:
+    """Runs size a null model.vocab_size from the data's tokenizer: count N the same way."""
+    if cfg.model.vocab_size is not None:
+        return cfg
+    try:
+        vocab = vocab_from_data(cfg.data, cfg.model.vocab_multiple, cfg.parallel.tp).vocab_size
+    except ValueError as err:
+        raise ValueError(f"model.vocab_size is null (sized from the data's tokenizer): {err}; "
+                         "give model.vocab_size=<n> to plan a sweep without data") from None
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
 def plan(cfg: Config) -> list[SweepPoint]:
     """Every (shape, tokens) point of the IsoFLOP sweep described by cfg.sweep, smallest budget first."""
+    cfg = _with_vocab(cfg)
     if not cfg.sweep.budgets:
         raise ValueError("sweep.budgets is empty: give budgets in FLOPs, e.g. sweep.budgets=[1e13,3e13]")
     tokens_per_step = (cfg.train.global_batch_size or cfg.train.micro_batch_size) * cfg.train.seq_len
@@ -111,6 +125,32 @@ def plan(cfg: Config) -> list[SweepPoint]:
         raise ValueError("no sweep point has a token count in [sweep.min_tokens_per_param, "
                          "sweep.max_tokens_per_param]; widen the params range or change the budgets")
     return points
+
+
+def sweep_warnings(cfg: Config, points: list[SweepPoint]) -> list[str]:
+    """What the planned sweep cannot mean as asked: fewer shapes than asked, points dropped, data repeated."""
+    out = []
+    sweep, distinct = cfg.sweep, len(model_shapes(_with_vocab(cfg)))
+    if distinct < sweep.sizes:
+        out.append(f"sweep.sizes={sweep.sizes} asked for {sweep.sizes} model sizes in [{sweep.min_params:g}, "
+                   f"{sweep.max_params:g}], the shape rule (sweep.head_dim={sweep.head_dim}, sweep.aspect="
+                   f"{sweep.aspect:g}) gives {distinct} distinct shapes there; widen the range or lower sweep.head_dim")
+    planned = len(sweep.budgets) * distinct
+    if len(points) < planned:
+        out.append(f"{planned - len(points)} of {planned} (budget, size) points fall outside "
+                   f"[sweep.min_tokens_per_param, sweep.max_tokens_per_param] = [{sweep.min_tokens_per_param:g}, "
+                   f"{sweep.max_tokens_per_param:g}] tokens per parameter and are not run")
+    try:
+        available = sum(read_manifest(path)["tokens"] for path, _ in parse_blend(cfg.data))
+    except ValueError:
+        return out + [f"data.path={cfg.data.path} is not a prepared dataset yet: the sweep's token counts are not "
+                      "checked against it"]
+    largest = max(points, key=lambda p: p.tokens)
+    if largest.tokens > available:
+        out.append(f"point {largest.name} trains on {largest.tokens:,} tokens, {largest.tokens / available:,.1f} "
+                   f"epochs of the {available:,} tokens of the data: runs repeat their data; prepare more data "
+                   "or use smaller budgets")
+    return out
 
 
 def _point_config(cfg: Config, p: SweepPoint, sweep_dir: Path) -> dict:

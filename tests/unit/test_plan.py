@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from launcher.common import CONF_DIR
-from megatrain.config import Config, Layout, ModelConfig, register_configs, to_config
+from megatrain.config import Config, ConfigError, Layout, ModelConfig, register_configs, to_config
 from megatrain.model.init import init_parameter
 from megatrain.model.transformer import Transformer
 from megatrain.parallel.mesh import Mesh
@@ -164,3 +164,20 @@ def test_cli_explains_an_impossible_layout():
     out = _cli("model=llama-7b", "parallel.pp=2", "parallel.zero_stage=3")
     assert out.returncode != 0
     assert "parallel.zero_stage=3 with parallel.pp=2" in out.stderr
+
+
+def test_a_null_vocabulary_is_sized_from_the_data_as_training_sizes_it(tmp_path):
+    from megatrain.config import padded_vocab_size
+    from tests.unit.data_calls import run_prepare
+
+    assert [padded_vocab_size(v, 128, tp) for v, tp in ((50257, 1), (50257, 2), (512, 1), (300, 4))] == [
+        50304, 50432, 512, 512]
+    prep = Config()
+    (tmp_path / "a.txt").write_text("one two three four five six seven eight nine ten " * 100)
+    prep.prepare.input, prep.prepare.output = str(tmp_path / "a.txt"), str(tmp_path / "data")
+    prep.tokenizer.vocab_size, prep.logging.progress = 280, False
+    run_prepare(prep)
+    planned = plan(preset("tiny", f"data.path={tmp_path / 'data'}", "parallel.tp=2", "plan.num_gpus=2"))
+    assert planned.params.total == param_counts(replace(preset("tiny").model, vocab_size=512)).total  # 280 -> 2 x 256
+    with pytest.raises(ConfigError, match="model.vocab_size is null .* give model.vocab_size=<n> to plan without"):
+        plan(preset("tiny", f"data.path={tmp_path / 'none'}"))

@@ -70,7 +70,8 @@ def test_written_points_compose_into_valid_training_configs(tmp_path: Path) -> N
     register_configs()
     p = points[-1]
     with initialize_config_dir(CONF_DIR, version_base=None):
-        composed = to_config(compose("config", overrides=[argv[4], "model=tiny", f"+scaling_point={p.name}"]))
+        composed = to_config(compose("config", overrides=[argv[4], "model=tiny", "model.vocab_size=512",
+                                                                f"+scaling_point={p.name}"]))
     assert (composed.model.d_model, composed.model.n_layers, composed.train.steps) == (
         p.model.d_model, p.model.n_layers, p.steps)
     assert composed.sweep.budget == p.budget
@@ -81,10 +82,31 @@ def test_written_points_compose_into_valid_training_configs(tmp_path: Path) -> N
 def test_sweep_cli_writes_points_and_command(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "launcher.sweep", "sweep.budgets=[1e12,3e12]",
                           "sweep.min_params=2e4", "sweep.max_params=4e5", "sweep.sizes=3", "sweep.head_dim=16",
-                          "sweep.aspect=32", f"sweep.dir={tmp_path}", "model=tiny", "train.seq_len=128"],
+                          "sweep.aspect=32", f"sweep.dir={tmp_path}", "model=tiny", "model.vocab_size=512",
+                          "train.seq_len=128"],
                          capture_output=True, text=True, check=True)
     assert "runs; multirun command" in out.stdout
     lines = (tmp_path / "points.csv").read_text().splitlines()
     assert len(lines) - 1 == len(list((tmp_path / "conf" / "scaling_point").glob("*.yaml")))
     assert "launcher.train --multirun" in (tmp_path / "command.sh").read_text()
     assert {float(line.split(",")[1]) for line in lines[1:]} == {1e12, 3e12}
+
+
+def test_sweep_warns_when_it_cannot_mean_what_was_asked(tmp_path: Path) -> None:
+    from megatrain.scaling.sweep import sweep_warnings
+    from tests.unit.data_calls import run_prepare
+
+    data = Config()
+    (tmp_path / "a.txt").write_text("one two three four five six seven eight nine ten " * 100)
+    data.prepare.input, data.prepare.output = str(tmp_path / "a.txt"), str(tmp_path / "data")
+    data.tokenizer.vocab_size, data.logging.progress = 280, False
+    run_prepare(data)
+    cfg = sweep_config(tmp_path, min_params=2e4, max_params=2.4e4, sizes=4, max_tokens_per_param=300)
+    cfg.data.path = str(tmp_path / "data")
+    points = plan(cfg)
+    warnings = "\n".join(sweep_warnings(cfg, points))
+    assert "sweep.sizes=4 asked for 4 model sizes in [20000, 24000], the shape rule" in warnings
+    assert "points fall outside [sweep.min_tokens_per_param, sweep.max_tokens_per_param] = [1, 300]" in warnings
+    assert "epochs of the" in warnings and "runs repeat their data" in warnings
+    cfg.data.path = str(tmp_path / "none")
+    assert "is not a prepared dataset yet" in "\n".join(sweep_warnings(cfg, points))

@@ -11,14 +11,15 @@ from megatrain.parallel.stages import bubble_fraction, stage_layers
 from megatrain.plan import plan
 from tests.unit.test_plan import preset
 
-PRESETS = {p.stem: yaml.safe_load(p.read_text())["n_layers"]
+PRESETS = {p.stem: yaml.safe_load(p.read_text())
            for p in sorted((Path(__file__).resolve().parents[2] / "conf" / "model").glob("*.yaml"))}
-LAYOUTS = [(name, pp) for name, layers in PRESETS.items() for pp in (2, 4, 8) if pp <= layers]
+LAYOUTS = [(name, pp) for name, model in PRESETS.items() for pp in (2, 4, 8) if pp <= model["n_layers"]]
 
 
 @pytest.mark.parametrize(("name", "pp"), LAYOUTS)
 def test_planner_and_runtime_cut_every_preset_the_same_way(name, pp):
-    cfg = preset(name, f"parallel.pp={pp}", f"plan.num_gpus={pp}", "train.seq_len=128")
+    vocab = [] if PRESETS[name]["vocab_size"] else ["model.vocab_size=50304"]  # null: sized from data
+    cfg = preset(name, f"parallel.pp={pp}", f"plan.num_gpus={pp}", "train.seq_len=128", *vocab)
     planned = plan(cfg).stage_blocks
     assert list(planned) == stage_layers(cfg.model, pp, cfg.train.seq_len)  # what model/pipeline.py builds
     assert sum(planned) == cfg.model.n_layers and min(planned) >= 1
