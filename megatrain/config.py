@@ -68,6 +68,8 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
+    cp: int = 1  # context parallel: each sample's sequence split over cp ranks
+    ep: int = 1  # expert parallel: experts split over ep of the data-parallel ranks
     zero_stage: int = 1
     sequence_parallel: bool = False
     # Blocks per pipeline stage, e.g. [5, 6, 5]; None balances training FLOPs (parallel/stages.py).
@@ -239,13 +241,15 @@ def register_configs() -> None:
 class Layout:
     """How the world is split and the batch that follows from it: derived once by `validate`, never typed.
 
-    World = PP x DP x TP, TP innermost. The mesh (parallel/mesh.py) builds its process groups from
-    it, the planner reports it and every checkpoint records it.
+    World = PP x DP x CP x TP, TP innermost; EP is carved out of DP. The mesh (parallel/mesh.py)
+    builds its process groups from it, the planner reports it and every checkpoint records it.
     """
 
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    cp: int = 1
+    ep: int = 1
     zero_stage: int = 0
     sequence_parallel: bool = False
     micro_batch_size: int = 1
@@ -253,7 +257,7 @@ class Layout:
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.cp
 
     @property
     def global_batch_size(self) -> int:
@@ -316,9 +320,13 @@ def validate(cfg: Config, world_size: int) -> Layout:
     can be known from the config fails here, before any process group exists.
     """
     model, par, train = cfg.model, cfg.parallel, cfg.train
-    for key in ("tp", "pp"):
+    for key in ("tp", "pp", "cp", "ep"):
         if getattr(par, key) < 1:
             raise ConfigError(f"parallel.{key}={getattr(par, key)} must be >= 1")
+    for key, feature in (("cp", "context parallelism"), ("ep", "expert parallelism")):
+        if getattr(par, key) > 1:  # the mesh has the dimension; the model does not use it yet
+            raise ConfigError(f"parallel.{key}={getattr(par, key)}: {feature} is not available in this version; "
+                              f"use parallel.{key}=1")
     validate_model(model, par.tp)
     check_choice("parallel.zero_stage", par.zero_stage, (0, 1, 2, 3))
     check_choice("train.precision", train.precision, ("bf16", "fp32", "auto"))
@@ -327,9 +335,10 @@ def validate(cfg: Config, world_size: int) -> Layout:
     check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
     check_choice("optim.resume_schedule", cfg.optim.resume_schedule, ("keep", "stretch"))
     check_choice("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline", "disabled"))
-    if world_size % (par.tp * par.pp):
-        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
-                          f"{par.tp} x {par.pp}; launch a multiple of {par.tp * par.pp} processes")
+    model_parallel = par.tp * par.pp * par.cp
+    if world_size % model_parallel:
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp x parallel.cp = "
+                          f"{par.tp} x {par.pp} x {par.cp}; launch a multiple of {model_parallel} processes")
     if par.pp > 1 and par.zero_stage > 1:
         raise ConfigError(f"parallel.zero_stage={par.zero_stage} with parallel.pp={par.pp}: DeepSpeed's pipeline "
                           "engine supports ZeRO-0/1 only; choose parallel.zero_stage=1 (optimizer states "
@@ -350,11 +359,15 @@ def validate(cfg: Config, world_size: int) -> Layout:
     for key in ("steps", "micro_batch_size", "seq_len", "log_interval", "portable_every"):
         if getattr(train, key) <= 0:
             raise ConfigError(f"train.{key}={getattr(train, key)} must be positive")
-    dp = world_size // (par.tp * par.pp)
+    dp = world_size // model_parallel
+    if dp % par.ep:
+        raise ConfigError(f"parallel.ep={par.ep} must divide the data-parallel size {dp} (world {world_size} / "
+                          f"(tp x pp x cp)): expert parallelism is carved out of data parallelism")
     per_step = train.micro_batch_size * dp
     global_batch = train.global_batch_size or per_step
     if global_batch % per_step:
         raise ConfigError(f"train.global_batch_size={global_batch} is not a multiple of "
                           f"train.micro_batch_size x DP = {train.micro_batch_size} x {dp} = {per_step}")
-    return Layout(tp=par.tp, pp=par.pp, dp=dp, zero_stage=par.zero_stage, sequence_parallel=par.sequence_parallel,
-                  micro_batch_size=train.micro_batch_size, grad_accum=global_batch // per_step)
+    return Layout(tp=par.tp, pp=par.pp, dp=dp, cp=par.cp, ep=par.ep, zero_stage=par.zero_stage,
+                  sequence_parallel=par.sequence_parallel, micro_batch_size=train.micro_batch_size,
+                  grad_accum=global_batch // per_step)
