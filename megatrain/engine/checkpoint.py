@@ -67,7 +67,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-LAYOUT_KEYS = ("tp", "pp", "dp", "cp", "ep", "zero_stage")  # with the precision: what DeepSpeed's files depend on
+LAYOUT_KEYS = ("tp", "pp", "dp", "zero_stage", "cp", "ep")  # with the precision: what DeepSpeed's files depend on
 
 
 @dataclass
