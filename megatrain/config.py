@@ -337,8 +337,11 @@ def validate(cfg: Config, world_size: int) -> Layout:
     check_choice("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline", "disabled"))
     model_parallel = par.tp * par.pp * par.cp
     if world_size % model_parallel:
-        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp x parallel.cp = "
-                          f"{par.tp} x {par.pp} x {par.cp}; launch a multiple of {model_parallel} processes")
+        dims = [key for key in ("tp", "pp", "cp") if key != "cp" or par.cp > 1]  # cp named only when used
+        raise ConfigError(f"world size {world_size} is not divisible by "
+                          f"{' x '.join(f'parallel.{key}' for key in dims)} = "
+                          f"{' x '.join(str(getattr(par, key)) for key in dims)}; "
+                          f"launch a multiple of {model_parallel} processes")
     if par.pp > 1 and par.zero_stage > 1:
         raise ConfigError(f"parallel.zero_stage={par.zero_stage} with parallel.pp={par.pp}: DeepSpeed's pipeline "
                           "engine supports ZeRO-0/1 only; choose parallel.zero_stage=1 (optimizer states "
