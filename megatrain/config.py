@@ -83,6 +83,9 @@ class TrainConfig:
     global_batch_size: Optional[int] = None  # None: micro_batch_size x DP (no accumulation)
     seq_len: int = 256
     precision: str = "bf16"  # bf16 | fp32 | auto (bf16 on CUDA and on CPUs with native bf16, else fp32)
+    # Under bf16: the dtype gradients are accumulated over micro-batches and reduced over DP in.
+    # fp32 (Megatron's and torchtitan's default) or bf16 (half the gradient memory and DP traffic, lossy).
+    grad_reduce_dtype: str = "fp32"  # fp32 | bf16
     seed: int = 1234
     activation_checkpointing: str = "none"  # none | full | selective
     grad_clip: float = 1.0
@@ -233,6 +236,11 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
+def grad_reduce_dtype(cfg: Config) -> str:
+    """fp32 | bf16: what gradients are accumulated and reduced in (always fp32 when training in fp32)."""
+    return cfg.train.grad_reduce_dtype if cfg.train.precision == "bf16" else "fp32"
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
@@ -330,6 +338,11 @@ def validate(cfg: Config, world_size: int) -> Layout:
     validate_model(model, par.tp)
     check_choice("parallel.zero_stage", par.zero_stage, (0, 1, 2, 3))
     check_choice("train.precision", train.precision, ("bf16", "fp32", "auto"))
+    check_choice("train.grad_reduce_dtype", train.grad_reduce_dtype, ("fp32", "bf16"))
+    if train.precision == "bf16" and train.grad_reduce_dtype == "fp32" and par.zero_stage == 0:
+        raise ConfigError("parallel.zero_stage=0 with train.precision=bf16 and train.grad_reduce_dtype=fp32: DeepSpeed "
+                          "0.19 accumulates gradients in fp32 only with ZeRO; use parallel.zero_stage=1 (fp32 "
+                          "master weights and gradients) or train.grad_reduce_dtype=bf16")
     check_choice("train.activation_checkpointing", train.activation_checkpointing, ("none", "full", "selective"))
     check_choice("train.device", train.device, ("auto", "cpu", "cuda"))
     check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))

@@ -5,8 +5,10 @@ counts come from `megatrain.scaling.flops` (the single source); the memory model
 megatrain's model and DeepSpeed 0.19 actually allocate (measured on CPU, see docs/plan.md):
 
 model states per rank, P = parameters on this TP/PP rank, d = DP size
-    bf16: weights 2P (ZeRO-3: /d), grads 2P (ZeRO-0: full; ZeRO-1/2/3 keep only the averaged
-          partition, /d), fp32 master 4P/d and Adam m, v 8P/d (ZeRO-0: 4P and 8P).
+    bf16: weights 2P (ZeRO-3: /d), fp32 master 4P/d and Adam m, v 8P/d (ZeRO-0: 4P and 8P);
+          grads (train.grad_reduce_dtype=fp32, the default) 4P/d at ZeRO-2/3, and at ZeRO-1 the bf16
+          grads plus DeepSpeed's BF16_Optimizer's full fp32 copy, 6P; with bf16 reduction 2P (ZeRO-0:
+          full; ZeRO-1/2/3 keep only the averaged partition, /d).
     fp32: weights 4P (ZeRO-3: /d), grads 4P (/d as above), DeepSpeed's ZeRO optimizers keep
           a separate fp32 master copy 4P/d; Adam m, v 8P/d. ZeRO-0 is plain AdamW: 4+4+8.
 activations: what autograd saves per token per layer in megatrain's blocks (fp32 norms,
@@ -19,7 +21,16 @@ import itertools
 from dataclasses import dataclass, replace
 
 from megatrain import hardware
-from megatrain.config import Config, ConfigError, Layout, ModelConfig, padded_vocab_size, to_config, validate
+from megatrain.config import (
+    Config,
+    ConfigError,
+    Layout,
+    ModelConfig,
+    grad_reduce_dtype,
+    padded_vocab_size,
+    to_config,
+    validate,
+)
 from megatrain.data.errors import DataError
 from megatrain.data.manifest import vocab_from_data
 from megatrain.parallel.stages import bubble_fraction, stage_layers
@@ -113,13 +124,16 @@ def stage_params(cfg: Config) -> list[int]:
 # ---------------------------------------------------------------- memory
 
 
-def _model_states(params: int, dp: int, zero: int, precision: str) -> tuple[float, float, float]:
+def _model_states(params: int, dp: int, zero: int, precision: str, grad_dtype: str) -> tuple[float, float, float]:
     """(weights, gradients, optimizer) bytes for `params` parameters on one rank."""
     width = 2 if precision == "bf16" else 4
     if zero == 0:  # bf16: DeepSpeed's FP16_Optimizer, fp32 master + Adam; fp32: plain AdamW
         return width * params, width * params, (12 if precision == "bf16" else 8) * params
     weights = width * params / (dp if zero == 3 else 1)
-    return weights, width * params / dp, 12 * params / dp
+    if precision == "bf16" and grad_dtype == "fp32" and zero == 1:
+        # DeepSpeed's BF16_Optimizer: the bf16 gradients and an fp32 copy of all of them, not partitioned
+        return weights, 6 * params, 12 * params / dp
+    return weights, (4 if grad_dtype == "fp32" else width) * params / dp, 12 * params / dp
 
 
 def layer_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str, checkpointing: str) -> float:
@@ -171,14 +185,14 @@ def head_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str)
 
 def comm_buffer_bytes(cfg: Config, params: int, block_params: int, zero: int) -> float:
     """Gradient buckets (ZeRO-1/2/3) and ZeRO-3's gathered parameters."""
-    width = 2 if cfg.train.precision == "bf16" else 4
+    width = 4 if grad_reduce_dtype(cfg) == "fp32" else 2
     if zero == 0:
         return 0.0
     # Gradients sit in reduce buckets (up to reduce_bucket_size elements) until they are reduced;
     # sized here by the gradients that fill them (DeepSpeed allocates the whole bucket at ZeRO-3).
     bucket = min(params, REDUCE_BUCKET) * width
-    if zero == 3:
-        bucket += 2 * block_params * width  # the block being computed and the one prefetched
+    if zero == 3:  # the block being computed and the one prefetched, in the training precision
+        bucket += 2 * block_params * (2 if cfg.train.precision == "bf16" else 4)
     return bucket
 
 
@@ -253,7 +267,8 @@ def plan(cfg: Config, world_size: int | None = None) -> Plan:
     layout = validate(cfg, world)
     per_stage = stage_params(cfg)
     params = max(per_stage)
-    weights, grads, optim = _model_states(params, layout.dp, layout.zero_stage, train.precision)
+    weights, grads, optim = _model_states(params, layout.dp, layout.zero_stage, train.precision,
+                                          grad_reduce_dtype(cfg))
     block = _block_params_per_rank(cfg.model, layout.tp)
     memory = Memory(weights=weights, gradients=grads, optimizer=optim,
                     activations=activation_bytes(cfg, layout.micro_batch_size, layout.grad_accum,

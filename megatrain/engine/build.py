@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ import torch.distributed as dist
 
 from megatrain import hardware
 from megatrain.config import Config
+from megatrain.data.manifest import write_json_atomic
 from megatrain.engine.deepspeed_config import deepspeed_config
 from megatrain.engine.dist_env import DistEnv
 from megatrain.engine.schedule import Schedule
@@ -87,11 +89,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
-def build_engine(cfg: Config, mesh: Mesh, device: torch.device):
-    """The DeepSpeed engine around this rank's model (or pipeline stage) and optimizer."""
+def build_engine(cfg: Config, mesh: Mesh, device: torch.device, config_out: Path | None = None):
+    """The DeepSpeed engine around this rank's model (or pipeline stage) and optimizer.
+
+    `config_out`: where to write the exact DeepSpeed config (rank 0 passes run.dir/deepspeed.json).
+    """
     import deepspeed
 
     ds_config = deepspeed_config(cfg, mesh.layout)
+    if config_out is not None:  # before initialize, which may add keys of its own to the dict
+        write_json_atomic(config_out, ds_config)
     model = build_model(cfg, mesh, ds_config)
     if cfg.train.compile:
         # Blocks hold nearly all the FLOPs; the embedding and the head with its vocab-parallel loss stay eager.

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatrain.config import Config, ConfigError
+from megatrain.config import Config, ConfigError, grad_reduce_dtype
 from megatrain.engine import portable
 from megatrain.export.portable_format import DIR as PORTABLE_DIR
 from megatrain.model.init import canonical_parameters
@@ -81,7 +81,8 @@ class RunContext:
 
     def layout_key(self) -> dict[str, Any]:
         layout = self.mesh.layout
-        return {**{k: getattr(layout, k) for k in LAYOUT_KEYS}, "precision": self.cfg.train.precision}
+        return {**{k: getattr(layout, k) for k in LAYOUT_KEYS}, "precision": self.cfg.train.precision,
+                "grad_reduce_dtype": grad_reduce_dtype(self.cfg)}
 
 
 def _saved_layout(meta: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +91,9 @@ def _saved_layout(meta: dict[str, Any]) -> dict[str, Any]:
     saved = {k: layout.get(k) for k in LAYOUT_KEYS}
     if saved["zero_stage"] is None:
         saved["zero_stage"] = meta.get("zero_stage")
-    return {**saved, "precision": meta.get("precision")}
+    # Before train.grad_reduce_dtype, DeepSpeed reduced in the training precision.
+    precision = meta.get("precision")
+    return {**saved, "precision": precision, "grad_reduce_dtype": meta.get("grad_reduce_dtype", precision)}
 
 
 class Checkpointer:
@@ -116,7 +119,8 @@ class Checkpointer:
             if with_portable:
                 portable.save(engine, run.mesh, partial / PORTABLE_DIR, step=step, model=run.cfg.model,
                               tokenizer_path=run.tokenizer_path, eod_id=run.eod_id)
-            meta = {"layout": run.mesh.layout.record(), "precision": run.cfg.train.precision}
+            meta = {"layout": run.mesh.layout.record(), "precision": run.cfg.train.precision,
+                    "grad_reduce_dtype": grad_reduce_dtype(run.cfg)}
         (partial / "trainer").mkdir(parents=True, exist_ok=True)
         torch.save({**trainer_state, "rng": rng_state()}, partial / "trainer" / f"rank_{self.rank:05d}.pt")
         time.sleep(float(os.environ.get("MEGATRAIN_TEST_SAVE_PAUSE", "0")))

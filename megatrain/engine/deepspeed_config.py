@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatrain.config import Config, Layout
+from megatrain.config import Config, Layout, grad_reduce_dtype
 
 
 def deepspeed_config(cfg: Config, layout: Layout) -> dict[str, Any]:
@@ -16,6 +16,7 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict[str, Any]:
         # Small tensors (norms, biases) stay whole on every rank: gathering them costs more than it saves.
         zero.update(stage3_param_persistence_threshold=10 * cfg.model.d_model,
                     stage3_gather_16bit_weights_on_model_save=False)
+    grad_dtype = grad_reduce_dtype(cfg)
     config: dict[str, Any] = {
         "train_batch_size": layout.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
@@ -25,6 +26,10 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict[str, Any]:
         # trainer stops on a non-finite loss.
         "bf16": {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": False},
         "zero_optimization": zero,
+        # Gradients summed over micro-batches and averaged over DP in this dtype. DeepSpeed's default under
+        # bf16 is bf16 for both; with ZeRO-1 fp32 accumulation selects its BF16_Optimizer (fp32 gradients).
+        "data_types": {"grad_accum_dtype": grad_dtype},
+        "communication_data_type": grad_dtype,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,

@@ -113,7 +113,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     init_distributed(device)
     mesh = Mesh.build(layout)
     torch.manual_seed(cfg.train.seed)
-    engine = build_engine(cfg, mesh, device)
+    engine = build_engine(cfg, mesh, device, config_out=run_dir / "deepspeed.json" if env.rank == 0 else None)
     loader = build_loader(cfg.data, split="train", seq_len=cfg.train.seq_len,
                           micro_batch_size=layout.micro_batch_size, dp_rank=mesh.dp_rank, dp_size=mesh.dp,
                           seed=cfg.train.seed)

@@ -18,6 +18,8 @@ def test_train_writes_the_run_directory_contract_and_loss_falls(tiny_data, tmp_p
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["train"]["steps"] == 30 and config["model"]["name"] == "tiny"
+    deepspeed = json.loads((run / "deepspeed.json").read_text())  # exactly what DeepSpeed was given
+    assert deepspeed["gradient_accumulation_steps"] == 1 and deepspeed["data_types"] == {"grad_accum_dtype": "fp32"}
     rows = metrics(run)
     for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "tflops_per_device"):
         assert key in rows[0], key
