@@ -66,9 +66,9 @@ def test_the_deepspeed_config_names_both_dtypes_and_zero0_bf16_needs_bf16_gradie
     from megatrain.engine.deepspeed_config import deepspeed_config
 
     for precision, asked, written in (("bf16", "fp32", "fp32"), ("bf16", "bf16", "bf16"), ("fp32", "bf16", "fp32")):
-        cfg = make_config(train=dict(precision=precision, grad_reduce_dtype=asked))
+        cfg = make_config(train=dict(precision=precision, grad_reduce_dtype=asked, seq_len=16))
         config = deepspeed_config(cfg, validate(cfg, 1))
         assert config["data_types"] == {"grad_accum_dtype": written} and config["communication_data_type"] == written
     # DeepSpeed 0.19 raises NotImplementedError for it inside deepspeed.initialize; we refuse it first.
     with pytest.raises(ConfigError, match="parallel.zero_stage=0 with train.precision=bf16"):
-        validate(make_config(train=dict(precision="bf16"), parallel=dict(zero_stage=0)), 1)
+        validate(make_config(train=dict(precision="bf16", seq_len=16), parallel=dict(zero_stage=0)), 1)
