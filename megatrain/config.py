@@ -90,6 +90,8 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | full | selective
     grad_clip: float = 1.0
     log_interval: int = 1
+    # Steps between polls of the preemption flag (a host-side all-reduce over gloo; it never waits for a GPU)
+    signal_check_interval: int = 1
     eval_interval: int = 50  # 0: no eval
     eval_steps: int = 10
     save_interval: int = 0  # 0: save only at the end
@@ -163,6 +165,13 @@ class LoggingConfig:
 
 
 @dataclass
+class ObserveConfig:
+    # Peak FLOP/s per device for MFU; None: the datasheet table (megatrain/hardware.py) for a known GPU,
+    # and no MFU on a CPU or an unknown device
+    peak_tflops: Optional[float] = None
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/default"
     name: Optional[str] = None
@@ -229,6 +238,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    observe: ObserveConfig = field(default_factory=ObserveConfig)
     run: RunConfig = field(default_factory=RunConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     fit: FitConfig = field(default_factory=FitConfig)
@@ -372,9 +382,11 @@ def validate(cfg: Config, world_size: int) -> Layout:
                           "with sequence parallelism")
     if train.seq_len > model.max_seq_len:
         raise ConfigError(f"train.seq_len={train.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
-    for key in ("steps", "micro_batch_size", "seq_len", "log_interval", "portable_every"):
+    for key in ("steps", "micro_batch_size", "seq_len", "log_interval", "portable_every", "signal_check_interval"):
         if getattr(train, key) <= 0:
             raise ConfigError(f"train.{key}={getattr(train, key)} must be positive")
+    if cfg.observe.peak_tflops is not None and cfg.observe.peak_tflops <= 0:
+        raise ConfigError(f"observe.peak_tflops={cfg.observe.peak_tflops} must be positive (TFLOP/s per device)")
     dp = world_size // model_parallel
     if dp % par.ep:
         raise ConfigError(f"parallel.ep={par.ep} must divide the data-parallel size {dp} (world {world_size} / "
