@@ -15,7 +15,7 @@ from megatrain import hardware
 from megatrain.config import Config
 from megatrain.data.manifest import write_json_atomic
 from megatrain.engine.deepspeed_config import deepspeed_config
-from megatrain.engine.dist_env import DistEnv
+from megatrain.engine.dist_env import DistEnv, cuda_device_index
 from megatrain.engine.schedule import Schedule
 from megatrain.model.init import canonical_parameters, init_parameter
 from megatrain.model.transformer import Block, Transformer
@@ -30,10 +30,9 @@ ZERO_COLLECTIVE_WARNING = (r"`torch\.distributed\.(all_gather_into_tensor|reduce
 
 def pick_device(cfg: Config, env: DistEnv) -> torch.device:
     if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible")
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
+        index = cuda_device_index(env.local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
