@@ -6,13 +6,16 @@ from __future__ import annotations
 import sys
 
 from launcher.common import hydra_main
-from megatrain.config import to_config
+from megatrain.config import ConfigError, to_config
 from megatrain.scaling.report import run
 
 
 def task(cfg) -> None:
+    config = to_config(cfg)  # a bad key: ConfigError, exit 2 (launcher.common)
     try:
-        run(to_config(cfg))
+        run(config)
+    except ConfigError:
+        raise
     except ValueError as e:  # bad inputs: a clear message, not a traceback
         sys.exit(f"fit_scaling: {e}")
 

@@ -25,6 +25,21 @@ def check_choice(key: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
 
 
+def as_list(key: str, value: Any, kind: type) -> list:
+    """One value or a list of them as a list: Hydra reads `key=a` as a scalar and `key=[a,b]` as a list.
+
+    Keys typed Any for this reason are normalised here, in their dataclass, so no caller sees a scalar.
+    """
+    items = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        ok = isinstance(item, (int, float)) and not isinstance(item, bool) if kind is float else isinstance(item, kind)
+        if not ok:
+            what = "a number" if kind is float else "a string"
+            raise ConfigError(f"{key}={value!r}: each entry must be {what}; give one value or a list, "
+                              f"e.g. {key}=x or {key}=[x,y]")
+    return [float(i) for i in items] if kind is float else items
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny"
@@ -194,7 +209,8 @@ class PlanConfig:
 
 @dataclass
 class FitConfig:
-    input: List[str] = field(default_factory=list)
+    # Run/sweep directories, CSV files, globs or wandb:<entity/project>: one, or a list ([a,b]), hence Any.
+    input: Any = field(default_factory=list)
     approach: str = "all"  # 1 | 2 | 3 | all
     output: str = "scaling"
     budget: Optional[float] = None
@@ -203,12 +219,15 @@ class FitConfig:
     loss: str = "eval"  # eval | train: which final loss of a run is fitted
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.input = as_list("fit.input", self.input, str)
+
 
 @dataclass
 class SweepConfig:
     """An IsoFLOP sweep: for every budget, model sizes in [min_params, max_params] (see docs/scaling.md)."""
 
-    budgets: List[float] = field(default_factory=list)  # compute budgets C = 6ND in FLOPs
+    budgets: Any = field(default_factory=list)  # compute budgets C = 6ND in FLOPs: one, or a list
     min_params: float = 1e5
     max_params: float = 1e7
     sizes: int = 5  # model shapes, log-spaced between min_params and max_params
@@ -219,6 +238,9 @@ class SweepConfig:
     dir: str = "runs/sweep"  # point configs, runs/<point>, fit/ and command.sh go here
     launch: bool = False  # run the multirun now instead of only writing its command
     budget: Optional[float] = None  # set on each run of a sweep: the budget it belongs to
+
+    def __post_init__(self) -> None:
+        self.budgets = as_list("sweep.budgets", self.budgets, float)
 
 
 @dataclass

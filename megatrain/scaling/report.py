@@ -214,7 +214,6 @@ def run(cfg: Config) -> dict:
     """launcher.fit_scaling: fit.input -> fit.output (+ W&B per logging.wandb_mode)."""
     if not cfg.fit.input:
         raise ValueError("fit.input is empty: give run or sweep directories, a CSV or wandb:<entity/project>")
-    inputs = [cfg.fit.input] if isinstance(cfg.fit.input, str) else list(cfg.fit.input)
-    outcome = refit_and_log(inputs, cfg.fit, cfg.logging, cfg.fit.output)
+    outcome = refit_and_log(cfg.fit.input, cfg.fit, cfg.logging, cfg.fit.output)
     print(format_results(outcome))
     return outcome
