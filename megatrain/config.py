@@ -215,12 +215,18 @@ class FitConfig:
     output: str = "scaling"
     budget: Optional[float] = None
     params: str = "non_embedding"  # non_embedding | total: the N of every fit and of C = 6ND
+    # 6nd: C = 6 N D; measured: C = each run's training FLOPs (attention and lm head included, flops.py)
+    compute: str = "6nd"
     bootstrap: int = 100  # resamples for the confidence intervals; 0: none
     loss: str = "eval"  # eval | train: which final loss of a run is fitted
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.input = as_list("fit.input", self.input, str)
+        check_choice("fit.approach", str(self.approach), ("1", "2", "3", "all"))
+        check_choice("fit.params", self.params, ("non_embedding", "total"))
+        check_choice("fit.compute", self.compute, ("6nd", "measured"))
+        check_choice("fit.loss", self.loss, ("eval", "train"))
 
 
 @dataclass

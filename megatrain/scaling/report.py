@@ -29,12 +29,12 @@ from megatrain.scaling.fit import ParametricFit, Point
 CI_KEYS = {1: ("a", "b"), 2: ("a", "b"), 3: ("E", "A", "B", "alpha", "beta", "a", "b")}
 
 
+COMPUTE = {"6nd": "C = 6 N D", "measured": "C = measured training FLOPs (6 N_matmul + 12 L T d_attn per token)"}
+PARAMS = {"non_embedding": "non-embedding parameters", "total": "total parameters"}
+
+
 def approaches(choice: str) -> list[int]:
-    if choice == "all":
-        return [1, 2, 3]
-    if choice not in ("1", "2", "3"):
-        raise ValueError(f"fit.approach={choice!r}: choose 1, 2, 3 or all")
-    return [int(choice)]
+    return [1, 2, 3] if str(choice) == "all" else [int(choice)]  # checked by FitConfig
 
 
 def _optimal(f: fitting.Fit, budget: float) -> dict:
@@ -112,7 +112,7 @@ def write_outputs(points: Sequence[Point], fits: dict, results: dict, errors: di
     output.mkdir(parents=True, exist_ok=True)
     budget = next(iter(results.values()))["optimal"]["C"]
     meta = {"params": fit_cfg.params, "loss": fit_cfg.loss, "budget": budget, "runs": len(points),
-            "compute": "C = 6 N D"}
+            "compute": fit_cfg.compute, "compute_rule": COMPUTE[fit_cfg.compute]}
     _write_json(output / "fit.json", {**meta, "approaches": {str(k): r for k, r in results.items()},
                                       "errors": {str(k): e for k, e in errors.items()}})
     for k, r in results.items():
@@ -184,17 +184,18 @@ def refit_and_log(sources: str | Path | Sequence[str | Path], fit_cfg: FitConfig
     fit_cfg = fit_cfg or FitConfig()
     logging_cfg = logging_cfg or LoggingConfig()
     inputs = [str(sources)] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
-    points = collect(inputs, fit_cfg.params, fit_cfg.loss)
+    points = collect(inputs, fit_cfg.params, fit_cfg.loss, fit_cfg.compute)
     out = Path(output or fit_cfg.output)
     fits, results, errors = fit_all(points, fit_cfg)
     images = write_outputs(points, fits, results, errors, fit_cfg, out)
     run_id = log_to_wandb(points, results, images, fit_cfg, logging_cfg, out)
-    return {"results": results, "errors": errors, "output": str(out), "wandb_run": run_id}
+    return {"results": results, "errors": errors, "output": str(out), "wandb_run": run_id,
+            "basis": f"N = {PARAMS[fit_cfg.params]}, {COMPUTE[fit_cfg.compute]}"}
 
 
 def format_results(outcome: dict) -> str:
     """The console summary of a fit."""
-    lines = [f"scaling fit -> {outcome['output']}"]
+    lines = [f"scaling fit -> {outcome['output']} ({outcome['basis']})"]
     for k, r in outcome["results"].items():
         o, ci = r["optimal"], r.get("ci", {})
 
@@ -206,6 +207,7 @@ def format_results(outcome: dict) -> str:
         lines.append(f"approach {k}: {law}a={r['a']:.3f}{span('a')} b={r['b']:.3f}{span('b')} | "
                      f"C={o['C']:.3g}: N_opt={o['N']:.4g}{span('N_opt')} D_opt={o['D']:.4g}{span('D_opt')} "
                      f"D/N={o['tokens_per_param']:.3g}")
+        lines += [f"warning: approach {k}: budget skipped: {s}" for s in r.get("skipped", [])]
     lines += [f"approach {k}: not fitted: {e}" for k, e in outcome["errors"].items()]
     return "\n".join(lines)
 

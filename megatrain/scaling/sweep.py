@@ -9,8 +9,9 @@ from d_model (ffn_hidden=null). Everything else (vocab, norm, activation, ...) i
 N grows monotonically with L along this ray; for each target size the L whose exact N (flops.py)
 is closest in log is taken, and duplicate shapes are dropped.
 
-Tokens: D = C / (6 N) for each budget C, rounded to whole optimizer steps of
-(train.global_batch_size or train.micro_batch_size) * train.seq_len tokens; points outside
+Tokens: D = C / (6 N) for each budget C (C / measured FLOPs per token with fit.compute=measured),
+rounded to whole optimizer steps of (train.global_batch_size or train.micro_batch_size) *
+train.seq_len tokens; points outside
 [sweep.min_tokens_per_param, sweep.max_tokens_per_param] are dropped.
 
 Each point becomes an option of a generated config group `scaling_point` under
@@ -114,7 +115,9 @@ def plan(cfg: Config) -> list[SweepPoint]:
         for model in model_shapes(cfg):
             counts = param_counts(model)
             n = getattr(counts, cfg.fit.params)
-            steps = round(budget / (6 * n) / tokens_per_step)
+            # Tokens priced as the fit will price them (fit.compute): 6N, or the measured FLOPs per token.
+            per_token = training_flops_per_token(model, cfg.train.seq_len) if cfg.fit.compute == "measured" else 6 * n
+            steps = round(budget / per_token / tokens_per_step)
             tokens = steps * tokens_per_step
             if steps < 1 or not lo <= tokens / n <= hi:
                 continue

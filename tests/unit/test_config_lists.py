@@ -44,3 +44,10 @@ def test_cli_takes_one_csv_and_refuses_a_bad_entry_with_exit_2(tmp_path: Path) -
     assert "approach 3: E=" in ok.stdout
     bad = subprocess.run([*base, "fit.input=[a.csv,3]"], capture_output=True, text=True)
     assert bad.returncode == 2 and "fit.input=['a.csv', 3]: each entry must be a string" in bad.stderr
+
+
+@pytest.mark.parametrize(("override", "key"), [("fit.compute=6ndx", "fit.compute"), ("fit.params=all", "fit.params"),
+                                               ("fit.approach=4", "fit.approach")])
+def test_fit_choices_are_checked_when_the_config_is_read(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{key}=.* is not allowed; choose one of"):
+        composed(override)
