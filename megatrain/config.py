@@ -211,7 +211,7 @@ class PlanConfig:
 class FitConfig:
     # Run/sweep directories, CSV files, globs or wandb:<entity/project>: one, or a list ([a,b]), hence Any.
     input: Any = field(default_factory=list)
-    approach: str = "all"  # 1 | 2 | 3 | all
+    approach: str = "all"  # 1 | 2 | 3 | all (loss laws) | hparams (learning-rate and batch laws)
     output: str = "scaling"
     budget: Optional[float] = None
     params: str = "non_embedding"  # non_embedding | total: the N of every fit and of C = 6ND
@@ -223,7 +223,7 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         self.input = as_list("fit.input", self.input, str)
-        check_choice("fit.approach", str(self.approach), ("1", "2", "3", "all"))
+        check_choice("fit.approach", str(self.approach), ("1", "2", "3", "all", "hparams"))
         check_choice("fit.params", self.params, ("non_embedding", "total"))
         check_choice("fit.compute", self.compute, ("6nd", "measured"))
         check_choice("fit.loss", self.loss, ("eval", "train"))
@@ -244,9 +244,30 @@ class SweepConfig:
     dir: str = "runs/sweep"  # point configs, runs/<point>, fit/ and command.sh go here
     launch: bool = False  # run the multirun now instead of only writing its command
     budget: Optional[float] = None  # set on each run of a sweep: the budget it belongs to
+    # Learning-rate and batch laws (docs/scaling.md): [coefficient, exponent] of eta = a C^b and of
+    # B = c C^d (B in tokens per step); [] = optim.lr and the global batch. No published law is a default.
+    lr_law: Any = field(default_factory=list)
+    batch_law: Any = field(default_factory=list)
+    # Each point is run at every lr factor x batch factor of its centre (a grid per budget for the laws).
+    lr_factors: Any = field(default_factory=lambda: [1.0])
+    batch_factors: Any = field(default_factory=lambda: [1.0])
+    tokens_per_param: Optional[float] = None  # set: one shape per budget, the one closest to this D/N
 
     def __post_init__(self) -> None:
         self.budgets = as_list("sweep.budgets", self.budgets, float)
+        for key in ("lr_law", "batch_law"):
+            law = as_list(f"sweep.{key}", getattr(self, key), float)
+            if law and (len(law) != 2 or law[0] <= 0):
+                raise ConfigError(f"sweep.{key}={law}: give [coefficient, exponent] with coefficient > 0, "
+                                  f"e.g. sweep.{key}=[0.3,-0.125], or [] for none")
+            setattr(self, key, law)
+        for key in ("lr_factors", "batch_factors"):
+            factors = as_list(f"sweep.{key}", getattr(self, key), float)
+            if not factors or min(factors) <= 0:
+                raise ConfigError(f"sweep.{key}={factors}: give one or more positive factors, e.g. [0.5,1,2]")
+            setattr(self, key, factors)
+        if self.tokens_per_param is not None and self.tokens_per_param <= 0:
+            raise ConfigError(f"sweep.tokens_per_param={self.tokens_per_param} must be positive (or null)")
 
 
 @dataclass

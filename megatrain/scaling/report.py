@@ -23,6 +23,7 @@ from pathlib import Path
 
 from megatrain.config import Config, FitConfig, LoggingConfig
 from megatrain.scaling import fit as fitting
+from megatrain.scaling import hparams
 from megatrain.scaling.collect import collect
 from megatrain.scaling.fit import ParametricFit, Point
 
@@ -184,8 +185,10 @@ def refit_and_log(sources: str | Path | Sequence[str | Path], fit_cfg: FitConfig
     fit_cfg = fit_cfg or FitConfig()
     logging_cfg = logging_cfg or LoggingConfig()
     inputs = [str(sources)] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
-    points = collect(inputs, fit_cfg.params, fit_cfg.loss, fit_cfg.compute)
     out = Path(output or fit_cfg.output)
+    if str(fit_cfg.approach) == "hparams":
+        return refit_hparams(inputs, fit_cfg, logging_cfg, out)
+    points = collect(inputs, fit_cfg.params, fit_cfg.loss, fit_cfg.compute)
     fits, results, errors = fit_all(points, fit_cfg)
     images = write_outputs(points, fits, results, errors, fit_cfg, out)
     run_id = log_to_wandb(points, results, images, fit_cfg, logging_cfg, out)
@@ -193,9 +196,39 @@ def refit_and_log(sources: str | Path | Sequence[str | Path], fit_cfg: FitConfig
             "basis": f"N = {PARAMS[fit_cfg.params]}, {COMPUTE[fit_cfg.compute]}"}
 
 
+def refit_hparams(inputs: list[str], fit_cfg: FitConfig, logging_cfg: LoggingConfig, out: Path) -> dict:
+    """fit.approach=hparams: eta_opt(C) and B_opt(C) with intervals -> hparams.json (+ the W&B summary)."""
+    points: list[hparams.HparamPoint] = []
+    for item in inputs:
+        if item.endswith(".csv") and Path(item).is_file():
+            points += hparams.read_hparam_csv(Path(item), fit_cfg.compute)
+        else:
+            points += hparams.read_hparam_points(collect([item], fit_cfg.params, fit_cfg.loss, fit_cfg.compute))
+    budget = fit_cfg.budget or max(p.compute for p in points) if points else 0.0
+    result = hparams.report(points, budget, fit_cfg.bootstrap, fit_cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    basis = f"N = {PARAMS[fit_cfg.params]}, {COMPUTE[fit_cfg.compute]}"
+    _write_json(out / "hparams.json", {"params": fit_cfg.params, "compute": fit_cfg.compute,
+                                       "compute_rule": COMPUTE[fit_cfg.compute], "runs": len(points), **result})
+    run_id = None
+    if logging_cfg.wandb_mode != "disabled":
+        import wandb
+
+        run_id = "scaling-" + hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:10]
+        run = wandb.init(project=logging_cfg.wandb_project, entity=logging_cfg.wandb_entity,
+                         mode=logging_cfg.wandb_mode, id=run_id, resume="allow", job_type="scaling-fit",
+                         name=f"scaling-fit:{out.name}", dir=str(out), config={"fit": vars(fit_cfg)})
+        run.summary.update({"runs": len(points), **{f"hparams/{k}": v for k, v in result["laws"].items()}})
+        run.finish()
+    return {"hparams": result, "results": {}, "errors": {}, "output": str(out), "wandb_run": run_id,
+            "basis": basis}
+
+
 def format_results(outcome: dict) -> str:
     """The console summary of a fit."""
     lines = [f"scaling fit -> {outcome['output']} ({outcome['basis']})"]
+    if "hparams" in outcome:
+        return "\n".join(lines + hparams.format_report(outcome["hparams"]))
     for k, r in outcome["results"].items():
         o, ci = r["optimal"], r.get("ci", {})
 

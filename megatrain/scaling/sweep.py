@@ -54,6 +54,8 @@ class SweepPoint:
     steps: int
     tokens: int
     flops: float  # measured-style training FLOPs: tokens * training_flops_per_token
+    lr: float | None = None  # optim.lr of this point; None: the config's
+    batch: int | None = None  # train.global_batch_size of this point; None: the config's
 
     @property
     def tokens_per_param(self) -> float:
@@ -103,27 +105,73 @@ def _with_vocab(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
+def _hparam_grid(cfg: Config, budget: float) -> list[tuple[str, float | None, int | None]]:
+    """(name tag, peak lr, global batch) of a budget's points; None: the config's own value, left unset.
+
+    The centre is sweep.lr_law / sweep.batch_law at this budget (B in tokens, as DeepSeek LLM 2024
+    states it), else optim.lr and the global batch; sweep.lr_factors / batch_factors multiply it.
+    Batches round to a multiple of train.micro_batch_size.
+    """
+    sweep, micro = cfg.sweep, cfg.train.micro_batch_size
+    lr0 = sweep.lr_law[0] * budget ** sweep.lr_law[1] if sweep.lr_law else cfg.optim.lr
+    b0 = (sweep.batch_law[0] * budget ** sweep.batch_law[1] / cfg.train.seq_len if sweep.batch_law
+          else cfg.train.global_batch_size or micro)
+    set_lr = bool(sweep.lr_law) or sweep.lr_factors != [1.0]
+    set_batch = bool(sweep.batch_law) or sweep.batch_factors != [1.0]
+    grid, seen = [], set()
+    for i, f in enumerate(sweep.lr_factors):
+        for j, g in enumerate(sweep.batch_factors):
+            batch = max(micro, micro * round(b0 * g / micro))
+            if (f, batch) in seen:  # two factors rounded to one batch: one run
+                continue
+            seen.add((f, batch))
+            tag = (f"_lr{i}" if len(sweep.lr_factors) > 1 else "") + (f"_b{j}" if len(sweep.batch_factors) > 1 else "")
+            grid.append((tag, lr0 * f if set_lr else None, batch if set_batch else None))
+    return grid
+
+
+def _shapes_for(cfg: Config, budget: float, shapes: list[ModelConfig]) -> list[ModelConfig]:
+    """All shapes, or with sweep.tokens_per_param the one shape closest to that D/N at this budget."""
+    ratio = cfg.sweep.tokens_per_param
+    if ratio is None:
+        return shapes
+
+    def off(m: ModelConfig) -> float:
+        n = getattr(param_counts(m), cfg.fit.params)
+        return abs(math.log(budget / (_per_token(cfg, m) * n)) - math.log(ratio))
+
+    return [min(shapes, key=off)]
+
+
+def _per_token(cfg: Config, model: ModelConfig) -> float:
+    # Tokens priced as the fit will price them (fit.compute): 6N, or the measured FLOPs per token.
+    if cfg.fit.compute == "measured":
+        return training_flops_per_token(model, cfg.train.seq_len)
+    return 6.0 * getattr(param_counts(model), cfg.fit.params)
+
+
 def plan(cfg: Config) -> list[SweepPoint]:
-    """Every (shape, tokens) point of the IsoFLOP sweep described by cfg.sweep, smallest budget first."""
+    """Every (shape, tokens, lr, batch) point of the sweep described by cfg.sweep, smallest budget first."""
     cfg = _with_vocab(cfg)
     if not cfg.sweep.budgets:
         raise ValueError("sweep.budgets is empty: give budgets in FLOPs, e.g. sweep.budgets=[1e13,3e13]")
-    tokens_per_step = (cfg.train.global_batch_size or cfg.train.micro_batch_size) * cfg.train.seq_len
     lo, hi = cfg.sweep.min_tokens_per_param, cfg.sweep.max_tokens_per_param
+    shapes = model_shapes(cfg)
     points = []
     for i, budget in enumerate(sorted(cfg.sweep.budgets)):
-        for model in model_shapes(cfg):
+        for model in _shapes_for(cfg, budget, shapes):
             counts = param_counts(model)
             n = getattr(counts, cfg.fit.params)
-            # Tokens priced as the fit will price them (fit.compute): 6N, or the measured FLOPs per token.
-            per_token = training_flops_per_token(model, cfg.train.seq_len) if cfg.fit.compute == "measured" else 6 * n
-            steps = round(budget / per_token / tokens_per_step)
-            tokens = steps * tokens_per_step
-            if steps < 1 or not lo <= tokens / n <= hi:
-                continue
-            name = f"c{i}_L{model.n_layers}_d{model.d_model}"
-            points.append(SweepPoint(name, float(budget), model, n, counts.total, steps, tokens,
-                                     tokens * training_flops_per_token(model, cfg.train.seq_len)))
+            for tag, lr, batch in _hparam_grid(cfg, budget):
+                per_step = batch or cfg.train.global_batch_size or cfg.train.micro_batch_size
+                tokens_per_step = per_step * cfg.train.seq_len
+                steps = round(budget / _per_token(cfg, model) / tokens_per_step)
+                tokens = steps * tokens_per_step
+                if steps < 1 or not lo <= tokens / n <= hi:
+                    continue
+                name = f"c{i}_L{model.n_layers}_d{model.d_model}{tag}"
+                points.append(SweepPoint(name, float(budget), model, n, counts.total, steps, tokens,
+                                         tokens * training_flops_per_token(model, cfg.train.seq_len), lr, batch))
     if not points:
         raise ValueError("no sweep point has a token count in [sweep.min_tokens_per_param, "
                          "sweep.max_tokens_per_param]; widen the params range or change the budgets")
@@ -161,8 +209,11 @@ def _point_config(cfg: Config, p: SweepPoint, sweep_dir: Path) -> dict:
     # Warmup is capped at a fifth of the run so the shortest runs still decay; one eval at the end.
     return {"model": {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
                       "n_kv_heads": m.n_kv_heads, "ffn_hidden": None},
-            "train": {"steps": p.steps, "eval_interval": p.steps},
-            "optim": {"warmup_steps": min(cfg.optim.warmup_steps, p.steps // 5)},
+            "train": {"steps": p.steps, "eval_interval": p.steps,
+                      **({"global_batch_size": p.batch} if p.batch else {})},
+            "optim": {"warmup_steps": min(cfg.optim.warmup_steps, p.steps // 5),
+                      # min_lr keeps its ratio to the peak
+                      **({"lr": p.lr, "min_lr": p.lr * cfg.optim.min_lr / cfg.optim.lr} if p.lr else {})},
             "sweep": {"budget": p.budget, "dir": str(sweep_dir)},
             "run": {"dir": str(sweep_dir / "runs" / p.name), "name": p.name}}
 
@@ -174,9 +225,11 @@ def multirun_command(points: list[SweepPoint], sweep_dir: Path, overrides: list[
     launcher (e.g. hydra/launcher=submitit_slurm hydra.launcher.partition=gpu) are passed on.
     """
     forwarded = []
+    point_keys = POINT_KEYS + (("optim.lr=", "optim.min_lr=") if any(p.lr for p in points) else ()) + (
+        ("train.global_batch_size=",) if any(p.batch for p in points) else ())
     for o in overrides:
         key = o.lstrip("+~")
-        if key.startswith("hydra") and not key.startswith(LAUNCHER_KEYS) or key.startswith(POINT_KEYS):
+        if key.startswith("hydra") and not key.startswith(LAUNCHER_KEYS) or key.startswith(point_keys):
             continue
         forwarded.append(o)
     # The point comes last: appended config groups merge in command-line order, so a forwarded
@@ -200,11 +253,12 @@ def write_sweep(cfg: Config, points: list[SweepPoint], overrides: list[str]) -> 
     with open(sweep_dir / "points.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["name", "budget", "N", "N_total", "D", "steps", "tokens_per_param", "flops",
-                    "d_model", "n_layers", "n_heads", "n_kv_heads"])
+                    "d_model", "n_layers", "n_heads", "n_kv_heads", "lr", "global_batch_size"])
         for p in points:
             w.writerow([p.name, p.budget, p.params, p.params_total, p.tokens, p.steps,
                         f"{p.tokens_per_param:.4g}", f"{p.flops:.6g}", p.model.d_model, p.model.n_layers,
-                        p.model.n_heads, p.model.n_kv_heads or p.model.n_heads])
+                        p.model.n_heads, p.model.n_kv_heads or p.model.n_heads,
+                        f"{p.lr:.6g}" if p.lr else cfg.optim.lr, p.batch or cfg.train.global_batch_size or ""])
     argv = multirun_command(points, sweep_dir, overrides)
     (sweep_dir / "command.sh").write_text("#!/bin/sh\n" + shlex.join(["python", *argv[1:]]) + "\n")
     return argv
