@@ -211,7 +211,8 @@ class PlanConfig:
 class FitConfig:
     # Run/sweep directories, CSV files, globs or wandb:<entity/project>: one, or a list ([a,b]), hence Any.
     input: Any = field(default_factory=list)
-    approach: str = "all"  # 1 | 2 | 3 | all (loss laws) | hparams (learning-rate and batch laws)
+    # 1 | 2 | 3 | all (loss laws) | hparams (learning-rate and batch laws) | data (data-constrained law, R_D*)
+    approach: str = "all"
     output: str = "scaling"
     budget: Optional[float] = None
     params: str = "non_embedding"  # non_embedding | total: the N of every fit and of C = 6ND
@@ -223,7 +224,7 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         self.input = as_list("fit.input", self.input, str)
-        check_choice("fit.approach", str(self.approach), ("1", "2", "3", "all", "hparams"))
+        check_choice("fit.approach", str(self.approach), ("1", "2", "3", "all", "hparams", "data"))
         check_choice("fit.params", self.params, ("non_embedding", "total"))
         check_choice("fit.compute", self.compute, ("6nd", "measured"))
         check_choice("fit.loss", self.loss, ("eval", "train"))

@@ -172,6 +172,16 @@ class TokenLoader:
         """Epochs completed by the first (or only) dataset."""
         return self.counts[0] // self.epoch_len[0]
 
+    def seen(self) -> tuple[int, float]:
+        """(unique tokens seen, epochs) over all DP ranks, for data-constrained scaling fits.
+
+        Unique: tokens of distinct windows, min(samples, windows) per dataset, exact within the first
+        epoch (later epochs may add a few of the < dp x micro-batch windows the first left out).
+        Epochs: samples / windows of the most repeated dataset.
+        """
+        unique = sum(min(c, w) for c, w in zip(self.counts, self.windows)) * self.seq_len
+        return unique, max(c / w for c, w in zip(self.counts, self.windows))
+
     def _assign(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(dataset, sample index within it) of the next n global samples; advances the counters."""
         if len(self.counts) == 1:

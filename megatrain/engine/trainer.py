@@ -231,6 +231,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         summary = {"params_total": counts.total, "params_non_embedding": counts.non_embedding,
                    "vocab_size": cfg.model.vocab_size, "tokenizer_vocab_size": data.vocab_size,
                    "tokens": tokens, "flops": tokens * flops_per_token, "steps": step,
+                   **dict(zip(("unique_tokens", "epochs"), loader.seen())),
                    "final_loss": last_loss, "final_eval_loss": last_eval,
                    "layout": layout.record(), "zero_stage": layout.zero_stage}
         if env.rank == 0:

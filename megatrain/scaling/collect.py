@@ -86,9 +86,9 @@ def read_run_dir(run: Path, params: str = "non_embedding", loss: str = "eval") -
     if missing:
         hint = "; set fit.loss=train or run with eval" if loss_key in missing else ""
         raise ValueError(f"{run}/summary.json lacks {', '.join(missing)}{hint}")
-    flops = summary.get("flops")
+    flops, unique = summary.get("flops"), summary.get("unique_tokens")
     return Point(float(summary[PARAM_KEYS[params]]), float(summary["tokens"]), float(summary[loss_key]),
-                 _sweep_budget(run), str(run), float(flops) if flops else None)
+                 _sweep_budget(run), str(run), float(flops) if flops else None, float(unique) if unique else None)
 
 
 def _column(header: list[str], *names: str) -> str | None:
@@ -99,7 +99,8 @@ def _column(header: list[str], *names: str) -> str | None:
 def read_csv(path: Path) -> list[Point]:
     """Rows of N, D, loss (or N, C, loss with D = C / 6N); an optional `budget` column groups IsoFLOPs.
 
-    Beside D, a `flops` column is the run's measured training FLOPs (fit.compute=measured).
+    Beside D, a `flops` column is the run's measured training FLOPs (fit.compute=measured) and
+    `unique_tokens` (or `U`) the distinct tokens it saw (fit.approach=data).
     """
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
@@ -108,6 +109,7 @@ def read_csv(path: Path) -> list[Point]:
         c_col, l_col = _column(header, "C", "compute", "flops"), _column(header, "loss")
         b_col, name_col = _column(header, "budget"), _column(header, "name", "run")
         f_col = _column(header, "flops") if d_col else None
+        u_col = _column(header, "unique_tokens", "U")
         if n_col is None or l_col is None or (d_col is None and c_col is None):
             raise ValueError(f"{path}: needs columns N, D, loss (or N, C, loss); found {', '.join(header)}")
         points = []
@@ -118,9 +120,10 @@ def read_csv(path: Path) -> list[Point]:
                 budget = row.get(b_col) if b_col else None
                 budget = float(budget) if budget else (float(row[c_col]) if c_col and not d_col else None)
                 flops = float(row[f_col]) if f_col and row[f_col] else None
+                unique = float(row[u_col]) if u_col and row[u_col] else None
             except (TypeError, ValueError, ZeroDivisionError) as e:
                 raise ValueError(f"{path} line {i}: {e}") from e
-            points.append(Point(n, d, loss, budget, row.get(name_col) if name_col else f"{path}:{i}", flops))
+            points.append(Point(n, d, loss, budget, row.get(name_col) if name_col else f"{path}:{i}", flops, unique))
     return points
 
 

@@ -34,6 +34,7 @@ class Point:
     budget: float | None = None  # nominal IsoFLOP budget the run was planned for, if any
     name: str = ""
     flops: float | None = None  # measured training FLOPs, set only under fit.compute=measured
+    unique_tokens: float | None = None  # distinct training tokens seen (data-constrained fits)
 
     @property
     def compute(self) -> float:

@@ -22,9 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megatrain.config import Config, FitConfig, LoggingConfig
+from megatrain.scaling import data_constrained, hparams
 from megatrain.scaling import fit as fitting
-from megatrain.scaling import hparams
 from megatrain.scaling.collect import collect
+from megatrain.scaling.data_constrained import RepeatedPoint
 from megatrain.scaling.fit import ParametricFit, Point
 
 CI_KEYS = {1: ("a", "b"), 2: ("a", "b"), 3: ("E", "A", "B", "alpha", "beta", "a", "b")}
@@ -189,6 +190,8 @@ def refit_and_log(sources: str | Path | Sequence[str | Path], fit_cfg: FitConfig
     if str(fit_cfg.approach) == "hparams":
         return refit_hparams(inputs, fit_cfg, logging_cfg, out)
     points = collect(inputs, fit_cfg.params, fit_cfg.loss, fit_cfg.compute)
+    if str(fit_cfg.approach) == "data":
+        return refit_data_constrained(points, fit_cfg, out)
     fits, results, errors = fit_all(points, fit_cfg)
     images = write_outputs(points, fits, results, errors, fit_cfg, out)
     run_id = log_to_wandb(points, results, images, fit_cfg, logging_cfg, out)
@@ -224,11 +227,36 @@ def refit_hparams(inputs: list[str], fit_cfg: FitConfig, logging_cfg: LoggingCon
             "basis": basis}
 
 
+def refit_data_constrained(points: Sequence[Point], fit_cfg: FitConfig, out: Path) -> dict:
+    """fit.approach=data: Muennighoff et al.'s L(N, D') with a fitted R_D* -> data.json."""
+    missing = [p.name for p in points if p.unique_tokens is None]
+    if missing:
+        raise ValueError(f"fit.approach=data: {len(missing)} run(s) record no unique_tokens, e.g. {missing[0]} "
+                         "(summary.json of a run trained with this version, or a CSV unique_tokens column)")
+    runs = [RepeatedPoint(p, p.unique_tokens) for p in points]
+    f = data_constrained.fit_data_constrained(runs)
+    result = {**f.summary(), "runs": len(runs), "repeating_runs": sum(r.repetitions > 0 for r in runs),
+              "max_epochs": max(r.point.tokens / r.unique_tokens for r in runs)}
+    if fit_cfg.bootstrap > 0:
+        result |= data_constrained.bootstrap_data_constrained(runs, fit_cfg.bootstrap, fit_cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "data.json", {"params": fit_cfg.params, "loss": fit_cfg.loss, **result})
+    return {"data": result, "results": {}, "errors": {}, "output": str(out), "wandb_run": None,
+            "basis": f"N = {PARAMS[fit_cfg.params]}, D' = effective tokens"}
+
+
 def format_results(outcome: dict) -> str:
     """The console summary of a fit."""
     lines = [f"scaling fit -> {outcome['output']} ({outcome['basis']})"]
     if "hparams" in outcome:
         return "\n".join(lines + hparams.format_report(outcome["hparams"]))
+    if "data" in outcome:
+        r, ci = outcome["data"], outcome["data"].get("ci", {})
+        span = {k: f" [{ci[k][0]:.3g}, {ci[k][1]:.3g}]" if k in ci else "" for k in r}
+        return "\n".join(lines + [f"data-constrained: R_D*={r['R_D_star']:.3g}{span['R_D_star']} E={r['E']:.3f} "
+                                   f"alpha={r['alpha']:.3f}{span['alpha']} beta={r['beta']:.3f}{span['beta']} "
+                                   f"({r['repeating_runs']} of {r['runs']} runs repeat data, up to "
+                                   f"{r['max_epochs']:.3g} epochs)"])
     for k, r in outcome["results"].items():
         o, ci = r["optimal"], r.get("ci", {})
 
