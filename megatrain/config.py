@@ -114,11 +114,19 @@ class TrainConfig:
     portable_every: int = 1  # write the portable copy every k-th periodic save (always at the end)
     resume: str = "auto"  # auto | none | <checkpoint path>
     init_from: Optional[str] = None  # a Hugging Face directory (Llama / GPT-2) to start from; resume wins
+    # optim.schedule=wsd: token counts of cooldown branches. The run saves a stable-phase checkpoint
+    # under <run.dir>/cooldowns where each branch forks (docs/scaling.md); the sweep runs the branches.
+    cooldowns: Any = field(default_factory=list)
+    # A cooldown branch: the checkpoint it forks from (its own checkpoints win, as train.resume=auto)
+    fork_from: Optional[str] = None
     compile: bool = False
     profile: bool = False
     device: str = "auto"  # auto | cpu | cuda
     sample_tokens: int = 0  # >0: print a sample of this many tokens at the end
     sample_prompt: str = "The"
+
+    def __post_init__(self) -> None:
+        self.cooldowns = as_list("train.cooldowns", self.cooldowns, float)
 
 
 @dataclass
@@ -130,10 +138,16 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     warmup_steps: int = 10
-    schedule: str = "cosine"  # cosine | linear | constant
+    schedule: str = "cosine"  # cosine | linear | constant | wsd (warmup, stable at lr, linear decay to min_lr)
+    decay_fraction: float = 0.2  # wsd: the last fraction of the steps decays (cooldown branches fork before it)
     # When a run resumes with another train.steps: keep the saved schedule (and hold its final lr past
     # its end) or stretch it over the new length (the lr then jumps)
     resume_schedule: str = "keep"  # keep | stretch
+
+    def stable_steps(self, total_steps: int) -> int:
+        """wsd: steps before the decay of a `total_steps` run; any longer run is identical up to here,
+        so a cooldown branch of `total_steps` forks from the stable run's checkpoint at this step."""
+        return total_steps - round(self.decay_fraction * total_steps)
 
 
 @dataclass
@@ -381,6 +395,27 @@ def validate_model(model: ModelConfig, tp: int = 1) -> None:
                               f"tensor parallelism splits it evenly across ranks")
 
 
+def _validate_cooldowns(cfg: Config) -> None:
+    optim, train = cfg.optim, cfg.train
+    if not 0.0 < optim.decay_fraction < 1.0:
+        raise ConfigError(f"optim.decay_fraction={optim.decay_fraction} must be in (0, 1)")
+    if (train.cooldowns or train.fork_from) and optim.schedule != "wsd":
+        raise ConfigError(f"train.cooldowns / train.fork_from need optim.schedule=wsd (got {optim.schedule}): only "
+                          "a warmup-stable-decay run is identical to a shorter one up to its decay")
+    if train.fork_from and optim.resume_schedule != "stretch":
+        raise ConfigError("train.fork_from: a branch decays over its own train.steps; "
+                          "set optim.resume_schedule=stretch")
+    if train.cooldowns and not train.global_batch_size:
+        raise ConfigError("train.cooldowns: set train.global_batch_size, the tokens per step that turn each "
+                          "token count into a fork step")
+    for tokens in train.cooldowns:
+        steps = round(tokens / (train.global_batch_size * train.seq_len))
+        if not 1 <= optim.stable_steps(steps) <= optim.stable_steps(train.steps):
+            raise ConfigError(f"train.cooldowns entry {tokens:g} tokens = {steps} steps: its decay must start within "
+                              f"the stable phase of this run (steps 1-{optim.stable_steps(train.steps)}), i.e. the "
+                              "branch may not be longer than the run")
+
+
 def validate(cfg: Config, world_size: int) -> Layout:
     """Check every relation between keys for a world of `world_size` ranks; derive the layout.
 
@@ -405,7 +440,8 @@ def validate(cfg: Config, world_size: int) -> Layout:
                           "master weights and gradients) or train.grad_reduce_dtype=bf16")
     check_choice("train.activation_checkpointing", train.activation_checkpointing, ("none", "full", "selective"))
     check_choice("train.device", train.device, ("auto", "cpu", "cuda"))
-    check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
+    check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant", "wsd"))
+    _validate_cooldowns(cfg)
     check_choice("optim.resume_schedule", cfg.optim.resume_schedule, ("keep", "stretch"))
     check_choice("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline", "disabled"))
     model_parallel = par.tp * par.pp * par.cp

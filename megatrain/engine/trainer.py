@@ -124,6 +124,10 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
 
     checkpointer = Checkpointer(run_dir, cfg.train.keep_last, env.rank,
                                 RunContext(cfg, mesh, data.tokenizer_path, data.eod_id))
+    # Cooldown branches fork from stable-phase checkpoints kept apart from the rotation (keep_last).
+    fork_steps = {cfg.optim.stable_steps(round(d / (layout.global_batch_size * cfg.train.seq_len)))
+                  for d in cfg.train.cooldowns}
+    forks = Checkpointer(run_dir / "cooldowns", 0, env.rank, checkpointer.context) if fork_steps else None
     step, tokens = 0, 0
     resume_from = _resume_path(cfg, checkpointer)
     if resume_from is not None:
@@ -215,6 +219,11 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
 
         if profiler is not None:
             profiler.step()
+        if forks is not None and step in fork_steps:  # before a preemption exit: a resume runs past it
+            last_loss = check_finite()
+            with window.excluded(device):
+                forks.save(engine, step, {"step": step, "tokens": tokens, "data": loader.state_dict()},
+                           with_portable=False)
         preempted = step % cfg.train.signal_check_interval == 0 and preemption.agreed()
         if preempted or step == cfg.train.steps or (cfg.train.save_interval and step % cfg.train.save_interval == 0):
             last_loss = check_finite()  # never publish a checkpoint after a non-finite loss
@@ -250,8 +259,8 @@ def _resume_path(cfg: Config, checkpointer: Checkpointer) -> Path | None:
             raise ConfigError(f"run.dir={cfg.run.dir} already holds checkpoints and train.resume=none; "
                               "use train.resume=auto to continue it, or a new run.dir")
         return None
-    if cfg.train.resume == "auto":
-        return checkpointer.find_latest()
+    if cfg.train.resume == "auto":  # a cooldown branch forks until it has a checkpoint of its own
+        return checkpointer.find_latest() or (Path(cfg.train.fork_from) if cfg.train.fork_from else None)
     path = Path(cfg.train.resume)
     if not path.is_dir():
         raise ConfigError(f"train.resume={cfg.train.resume}: no such checkpoint directory")
