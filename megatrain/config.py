@@ -267,6 +267,8 @@ class SweepConfig:
     lr_factors: Any = field(default_factory=lambda: [1.0])
     batch_factors: Any = field(default_factory=lambda: [1.0])
     tokens_per_param: Optional[float] = None  # set: one shape per budget, the one closest to this D/N
+    # One stable run per shape (largest budget), the other budgets as cooldown branches of it (optim.schedule=wsd)
+    wsd: bool = False
 
     def __post_init__(self) -> None:
         self.budgets = as_list("sweep.budgets", self.budgets, float)

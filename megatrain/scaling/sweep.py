@@ -39,7 +39,8 @@ GROUP = "scaling_point"
 CALLBACK = "megatrain.scaling.callback.RefitCallback"
 # Keys each point sets itself: forwarding a user's value for them would override every point.
 POINT_KEYS = ("model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.ffn_hidden",
-              "train.steps", "train.eval_interval", "optim.warmup_steps", "run.", "sweep.")
+              "train.steps", "train.eval_interval", "optim.warmup_steps", "run.", "sweep.", "train.cooldowns",
+              "train.fork_from")
 # Of Hydra's own overrides only the launcher choice and its settings carry over to the multirun.
 LAUNCHER_KEYS = ("hydra/launcher", "hydra.launcher.")
 
@@ -242,23 +243,38 @@ def multirun_command(points: list[SweepPoint], sweep_dir: Path, overrides: list[
             f"+{GROUP}=" + ",".join(p.name for p in points)]
 
 
-def write_sweep(cfg: Config, points: list[SweepPoint], overrides: list[str]) -> list[str]:
-    """Write the point configs, points.csv and command.sh under sweep.dir; return the multirun argv."""
+def write_sweep(cfg: Config, points: list[SweepPoint], overrides: list[str],
+                extra: dict[str, dict] | None = None) -> list[list[str]]:
+    """Write the point configs, points.csv and command.sh under sweep.dir; return the multirun argvs.
+
+    `extra`: config merged into each named point (wsd.point_configs). One multirun; with sweep.wsd=true
+    two, run in order: the stable runs, then the cooldown branches that fork from their checkpoints.
+    """
     sweep_dir = Path(cfg.sweep.dir).resolve()
+    extra = extra or {}
     group_dir = sweep_dir / "conf" / GROUP
     group_dir.mkdir(parents=True, exist_ok=True)
     for p in points:
-        body = yaml.safe_dump(_point_config(cfg, p, sweep_dir), sort_keys=False)
-        (group_dir / f"{p.name}.yaml").write_text("# @package _global_\n" + body)
+        body = _point_config(cfg, p, sweep_dir)
+        for section, values in extra.get(p.name, {}).items():
+            body[section] = {**body.get(section, {}), **values}
+        (group_dir / f"{p.name}.yaml").write_text("# @package _global_\n" + yaml.safe_dump(body, sort_keys=False))
     with open(sweep_dir / "points.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["name", "budget", "N", "N_total", "D", "steps", "tokens_per_param", "flops",
-                    "d_model", "n_layers", "n_heads", "n_kv_heads", "lr", "global_batch_size"])
+                    "d_model", "n_layers", "n_heads", "n_kv_heads", "lr", "global_batch_size", "fork_from"])
         for p in points:
             w.writerow([p.name, p.budget, p.params, p.params_total, p.tokens, p.steps,
                         f"{p.tokens_per_param:.4g}", f"{p.flops:.6g}", p.model.d_model, p.model.n_layers,
                         p.model.n_heads, p.model.n_kv_heads or p.model.n_heads,
-                        f"{p.lr:.6g}" if p.lr else cfg.optim.lr, p.batch or cfg.train.global_batch_size or ""])
-    argv = multirun_command(points, sweep_dir, overrides)
-    (sweep_dir / "command.sh").write_text("#!/bin/sh\n" + shlex.join(["python", *argv[1:]]) + "\n")
-    return argv
+                        f"{p.lr:.6g}" if p.lr else cfg.optim.lr, p.batch or cfg.train.global_batch_size or "",
+                        extra.get(p.name, {}).get("train", {}).get("fork_from", "")])
+    if cfg.sweep.wsd:
+        stable = [p for p in points if "cooldowns" in extra[p.name]["train"]]
+        branches = [p for p in points if p not in stable]
+        argvs = [multirun_command(group, sweep_dir, overrides) for group in (stable, branches) if group]
+    else:
+        argvs = [multirun_command(points, sweep_dir, overrides)]
+    (sweep_dir / "command.sh").write_text("#!/bin/sh\nset -e\n" + "".join(
+        shlex.join(["python", *argv[1:]]) + "\n" for argv in argvs))
+    return argvs

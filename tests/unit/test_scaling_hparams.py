@@ -84,7 +84,7 @@ def test_the_sweep_sets_lr_and_batch_per_point_from_a_law_and_a_factor_grid(tmp_
         assert p.batch % 8 == 0 and p.tokens == p.steps * p.batch * 128
     base = next(p for p in points if p.budget == 3e11 and p.name.endswith("_lr1_b0"))
     assert base.batch == 8 * round(0.292 * 3e11**0.3271 / 128 / 8)
-    argv = write_sweep(cfg, points, ["optim.lr=1e-3", "train.global_batch_size=64", "optim.beta2=0.99"])
+    [argv] = write_sweep(cfg, points, ["optim.lr=1e-3", "train.global_batch_size=64", "optim.beta2=0.99"])
     assert "optim.beta2=0.99" in argv and not {"optim.lr=1e-3", "train.global_batch_size=64"} & set(argv)
     register_configs()
     with initialize_config_dir(CONF_DIR, version_base=None):
