@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from launcher.common import hydra_main
 from megatrain.config import to_config
 from megatrain.scaling import wsd
+from megatrain.scaling.predict import format_verification, run_verification
 from megatrain.scaling.sweep import plan, sweep_warnings, write_sweep
 
 
@@ -41,6 +42,10 @@ def task(cfg) -> None:
     if config.sweep.launch:
         for argv in argvs:  # with sweep.wsd the branches run after the stable runs they fork from
             subprocess.run(argv, check=True)
+        if config.sweep.verify:
+            result = run_verification(config, [*overrides.hydra, *overrides.task],
+                                      lambda argv: subprocess.run(argv, check=True))
+            print(format_verification(result))
 
 
 main = hydra_main(task)

@@ -269,6 +269,9 @@ class SweepConfig:
     tokens_per_param: Optional[float] = None  # set: one shape per budget, the one closest to this D/N
     # One stable run per shape (largest budget), the other budgets as cooldown branches of it (optim.schedule=wsd)
     wsd: bool = False
+    # > 0 (with launch=true): after the sweep, fit it, train the predicted optimum at verify x the largest
+    # budget and report predicted against measured loss (<dir>/verify.json); 4-10 tests an extrapolation
+    verify: float = 0.0
 
     def __post_init__(self) -> None:
         self.budgets = as_list("sweep.budgets", self.budgets, float)
@@ -283,6 +286,8 @@ class SweepConfig:
             if not factors or min(factors) <= 0:
                 raise ConfigError(f"sweep.{key}={factors}: give one or more positive factors, e.g. [0.5,1,2]")
             setattr(self, key, factors)
+        if self.verify < 0:
+            raise ConfigError(f"sweep.verify={self.verify}: a multiple of the largest budget (e.g. 4), or 0 for none")
         if self.tokens_per_param is not None and self.tokens_per_param <= 0:
             raise ConfigError(f"sweep.tokens_per_param={self.tokens_per_param} must be positive (or null)")
 

@@ -205,7 +205,7 @@ def sweep_warnings(cfg: Config, points: list[SweepPoint]) -> list[str]:
     return out
 
 
-def _point_config(cfg: Config, p: SweepPoint, sweep_dir: Path) -> dict:
+def point_config(cfg: Config, p: SweepPoint, sweep_dir: Path) -> dict:
     m = p.model
     # Warmup is capped at a fifth of the run so the shortest runs still decay; one eval at the end.
     return {"model": {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
@@ -255,7 +255,7 @@ def write_sweep(cfg: Config, points: list[SweepPoint], overrides: list[str],
     group_dir = sweep_dir / "conf" / GROUP
     group_dir.mkdir(parents=True, exist_ok=True)
     for p in points:
-        body = _point_config(cfg, p, sweep_dir)
+        body = point_config(cfg, p, sweep_dir)
         for section, values in extra.get(p.name, {}).items():
             body[section] = {**body.get(section, {}), **values}
         (group_dir / f"{p.name}.yaml").write_text("# @package _global_\n" + yaml.safe_dump(body, sort_keys=False))
