@@ -24,6 +24,7 @@ from megatrain.scaling import fit as fitting
 from megatrain.scaling.collect import collect, read_run_dir
 from megatrain.scaling.fit import Point
 from megatrain.scaling.flops import param_counts, training_flops_per_token
+from megatrain.scaling.report import update_wandb_summary
 from megatrain.scaling.sweep import GROUP, SweepPoint, multirun_command, point_config, shaped_model
 
 VERIFY = "verify"  # the run directory and point name of the verification run
@@ -95,6 +96,11 @@ def run_verification(cfg: Config, overrides: list[str], train: Callable[[list[st
         run = dataclasses.replace(run, flops=None)
     result = {"prediction": public(prediction), "verification": verify(prediction, run)}
     (sweep_dir / "verify.json").write_text(json.dumps(result, indent=2, default=float))
+    v = result["verification"]
+    update_wandb_summary(sweep_dir / "fit", cfg.fit, cfg.logging, {
+        f"verify/{k}": v[k] for k in ("C", "N", "D", "predicted", "measured", "error", "relative_error", "inside",
+                                      "extrapolation")} | {"verify/interval_low": v["interval"][0],
+                                                           "verify/interval_high": v["interval"][1]})
     return result
 
 

@@ -199,6 +199,22 @@ def refit_and_log(sources: str | Path | Sequence[str | Path], fit_cfg: FitConfig
             "basis": f"N = {PARAMS[fit_cfg.params]}, {COMPUTE[fit_cfg.compute]}"}
 
 
+def update_wandb_summary(output: Path, fit_cfg: FitConfig, logging_cfg: LoggingConfig, values: dict) -> str | None:
+    """Add `values` to the summary of the W&B run of this output directory (as log_to_wandb names it)."""
+    if logging_cfg.wandb_mode == "disabled":
+        return None
+    import wandb
+
+    output.mkdir(parents=True, exist_ok=True)
+    run_id = "scaling-" + hashlib.sha1(str(output.resolve()).encode()).hexdigest()[:10]
+    run = wandb.init(project=logging_cfg.wandb_project, entity=logging_cfg.wandb_entity,
+                     mode=logging_cfg.wandb_mode, id=run_id, resume="allow", job_type="scaling-fit",
+                     name=f"scaling-fit:{output.name}", dir=str(output), config={"fit": vars(fit_cfg)})
+    run.summary.update(values)
+    run.finish()
+    return run_id
+
+
 def refit_hparams(inputs: list[str], fit_cfg: FitConfig, logging_cfg: LoggingConfig, out: Path) -> dict:
     """fit.approach=hparams: eta_opt(C) and B_opt(C) with intervals -> hparams.json (+ the W&B summary)."""
     points: list[hparams.HparamPoint] = []
@@ -213,16 +229,8 @@ def refit_hparams(inputs: list[str], fit_cfg: FitConfig, logging_cfg: LoggingCon
     basis = f"N = {PARAMS[fit_cfg.params]}, {COMPUTE[fit_cfg.compute]}"
     _write_json(out / "hparams.json", {"params": fit_cfg.params, "compute": fit_cfg.compute,
                                        "compute_rule": COMPUTE[fit_cfg.compute], "runs": len(points), **result})
-    run_id = None
-    if logging_cfg.wandb_mode != "disabled":
-        import wandb
-
-        run_id = "scaling-" + hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:10]
-        run = wandb.init(project=logging_cfg.wandb_project, entity=logging_cfg.wandb_entity,
-                         mode=logging_cfg.wandb_mode, id=run_id, resume="allow", job_type="scaling-fit",
-                         name=f"scaling-fit:{out.name}", dir=str(out), config={"fit": vars(fit_cfg)})
-        run.summary.update({"runs": len(points), **{f"hparams/{k}": v for k, v in result["laws"].items()}})
-        run.finish()
+    run_id = update_wandb_summary(out, fit_cfg, logging_cfg, {
+        "runs": len(points), **{f"hparams/{k}": v for k, v in result["laws"].items()}})
     return {"hparams": result, "results": {}, "errors": {}, "output": str(out), "wandb_run": run_id,
             "basis": basis}
 
