@@ -143,9 +143,8 @@ def group_by_budget(points: Sequence[Point], rtol: float = 0.1) -> list[list[Poi
 
 
 def _budget(group: list[Point]) -> float:
-    # A group's budget: the planned one, else the geometric mean of its runs' compute.
-    if group[0].budget:
-        return float(group[0].budget)
+    # A group's C: the geometric mean of its runs' compute, in the fit's N and C (fit.params,
+    # fit.compute), which need not be those the sweep was planned with; the plan only groups.
     return float(np.exp(np.mean([np.log(p.compute) for p in group])))
 
 

@@ -31,7 +31,7 @@ def isoflop_curves(points: list[Point], fits: dict, path: Path) -> Path:
     for i, group in enumerate(groups):
         color = COLORS(i / max(1, len(groups) - 1))
         n = np.array([p.params for p in group])
-        c = group[0].budget or float(np.exp(np.mean(np.log([p.compute for p in group]))))
+        c = float(np.exp(np.mean(np.log([p.compute for p in group]))))  # as fit._budget
         ax.scatter(n, [p.loss for p in group], color=color, label=f"C={c:.2g}")
         o = parabolas.get(round(c, 6))
         if o:
