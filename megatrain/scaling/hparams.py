@@ -64,7 +64,8 @@ def _groups(points: Sequence[HparamPoint], rtol: float = 0.1) -> list[list[Hpara
 
 
 def _budget(group: list[HparamPoint]) -> float:
-    return float(group[0].budget or np.exp(np.mean(np.log([p.compute for p in group]))))
+    # In the fit's basis, as fit._budget: the planned budget only groups the runs.
+    return float(np.exp(np.mean(np.log([p.compute for p in group]))))
 
 
 def _optimum(group: list[HparamPoint]) -> tuple[dict | None, str]:
