@@ -22,7 +22,15 @@ from tokenizers import Tokenizer
 from megatrain.config import PrepareConfig, TokenizerConfig, check_choice
 from megatrain.data import tokenizer as tk
 from megatrain.data.errors import DataError
-from megatrain.data.manifest import COLUMN, FORMAT_VERSION, MANIFEST, sha256_file, write_json_atomic
+from megatrain.data.manifest import (
+    COLUMN,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    is_prepared_dataset,
+    sha256_file,
+    write_json_atomic,
+)
 from megatrain.data.sources import (
     DATASETS_FORMATS,
     NATIVE_FORMATS,
@@ -130,9 +138,11 @@ def _encode_stream(tok: Tokenizer, docs: Iterable[str]) -> Iterator[list[list[in
 
 
 def _check_output(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
-        raise DataError(f"prepare.output={out} exists and is not a prepared dataset (no {MANIFEST}); "
-                        "choose a new or empty directory: prepare never overwrites other files")
+    """Only a new or empty directory, or one launcher.prepare wrote, may be (re)placed: nothing else is touched."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_prepared_dataset(out))):
+        raise DataError(f"prepare.output={out} exists and is not a megatrain prepared dataset (no {MANIFEST} with "
+                        f"format={FORMAT!r} and a format_version); choose a new or empty directory: prepare "
+                        "never overwrites other files")
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -191,7 +201,7 @@ def prepare(spec: PrepareConfig, tokenizer_cfg: TokenizerConfig, progress: bool 
             raise DataError(f"prepare.input: no documents in {len(files)} file(s) ({stats.empty} empty, "
                             f"{len(stats.skipped)} skipped); nothing to prepare")
         manifest = {
-            "format_version": FORMAT_VERSION, "tokenizer": entry, "dtype": dtype.name,
+            "format": FORMAT, "format_version": FORMAT_VERSION, "tokenizer": entry, "dtype": dtype.name,
             "documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
             "shards": shards,
             "source": {"format": spec.format, "text_unit": spec.text_unit, "text_field": spec.text_field,

@@ -36,3 +36,23 @@ def test_bad_input_exits_nonzero_naming_the_problem(tmp_path):
     assert result.returncode != 0
     assert f"prepare.input entry '{tmp_path}/none/*.txt' matches no file" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_dir_with_a_foreign_manifest_is_refused_and_left_untouched(tmp_path):
+    (tmp_path / "a.txt").write_text("To be, or not to be. " * 20)
+    app = tmp_path / "webapp"
+    app.mkdir()
+    (app / "manifest.json").write_text('{"name": "my web app", "version": 1}')
+    (app / "index.html").write_text("<html>mine</html>")
+    before = {p.name: p.read_bytes() for p in app.iterdir()}
+    result = run(f"prepare.input={tmp_path}/a.txt", f"prepare.output={app}", "tokenizer.vocab_size=300")
+    assert result.returncode == 2, result.stderr
+    assert f"prepare.output={app} exists and is not a megatrain prepared dataset" in result.stderr
+    assert {p.name: p.read_bytes() for p in app.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "webapp"]  # no temporary directory left
+    # a directory prepare wrote carries the marker, so a rerun may replace it
+    out = tmp_path / "data"
+    for _ in range(2):
+        assert run(f"prepare.input={tmp_path}/a.txt", f"prepare.output={out}",
+                   "tokenizer.vocab_size=300").returncode == 0
+    assert json.loads((out / "manifest.json").read_text())["format"] == "megatrain-prepared-dataset"

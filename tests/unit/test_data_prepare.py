@@ -148,7 +148,7 @@ def test_rerun_replaces_a_prepared_dir_but_never_a_foreign_one(tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     cfg.prepare.output = str(foreign)
-    with pytest.raises(DataError, match="exists and is not a prepared dataset"):
+    with pytest.raises(DataError, match="exists and is not a megatrain prepared dataset"):
         run_prepare(cfg)
     assert (foreign / "notes.txt").read_text() == "keep me"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
