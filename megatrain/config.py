@@ -297,6 +297,7 @@ class ExportConfig:
     output: str = "export"
     checkpoint: Optional[str] = None  # None: the latest checkpoint of run.dir
     dtype: str = "float32"  # float32 | bfloat16 | float16: the weights' dtype in the exported files
+    overwrite: bool = False  # write into a non-empty export.output (its files of the same names are replaced)
 
 
 @dataclass
