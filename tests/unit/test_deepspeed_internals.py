@@ -99,3 +99,28 @@ def test_a_missing_internal_names_the_deepspeed_version():
         ds.record_unsharded_grad_norm(NotAnEngine())
     with pytest.raises(ds.InternalChanged, match=f"tested with DeepSpeed {ds.TESTED}"):
         ds.base_optimizer(NotAnEngine())
+
+
+def test_checkpoint_files_load_weights_only_with_deepspeeds_types_and_nothing_else(tmp_path):
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    engine = SimpleNamespace(checkpoint_engine=SimpleNamespace(load=torch.load))  # as DeepSpeed's, unsafe
+    ds.load_checkpoints_weights_only(engine)
+    good = tmp_path / "optim.pt"
+    torch.save({"scaler": LossScaler(1.0), "stage": ZeroStageEnum.optimizer_states,
+                "address": fragment_address(numel=4, start=0), "t": torch.ones(2)}, good)
+    assert engine.checkpoint_engine.load(str(good))["stage"] == ZeroStageEnum.optimizer_states
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    torch.save({"x": Payload()}, tmp_path / "x.pt")
+    with pytest.raises(ds.UnsafeCheckpointFile, match="x.pt holds an object other than tensors.*io.open"):
+        engine.checkpoint_engine.load(str(tmp_path / "x.pt"))
+    assert not marker.exists()
