@@ -162,8 +162,11 @@ class Checkpointer:
                       json.dumps({**trainer_state, "rng": rng_state()}))
         time.sleep(float(os.environ.get("MEGATRAIN_TEST_SAVE_PAUSE", "0")))
         dist.barrier()
-        names = sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
-        # each rank hashes its share of the files, so a save's digests take 1/world of the time
+        # rank 0 lists the files (one listing, not one per rank), each rank hashes its share of them
+        listing = [sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
+                   if self.rank == 0 else None]
+        dist.broadcast_object_list(listing, src=0)
+        names = listing[0]
         shares: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(shares, {n: file_record(partial / n) for n in names[self.rank::len(shares)]})
         if self.rank == 0:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatrain.engine.checkpoint import META, file_record
-from tests.e2e.conftest import TRAIN, cli, losses
+from tests.e2e.conftest import TRAIN, cli, losses, torchrun
 
 # ZeRO-1 in one process: DeepSpeed writes a model file and a separate optimizer-state file.
 ARGS = (*TRAIN, "train.precision=fp32", "train.eval_interval=0", "optim.schedule=constant", "optim.warmup_steps=1",
@@ -53,6 +53,23 @@ def test_a_same_size_byte_flip_falls_back_to_the_previous_checkpoint_naming_the_
                 in result.stderr)
     assert "step_00000001 at step 1" in result.stderr
     assert losses(run) == losses(saved)  # steps 2 and 3 redone from step 1 give the same losses, bit for bit
+
+
+def test_two_ranks_share_the_verification_and_agree_on_the_fallback(tiny_data, tmp_path):
+    """Rank 1 alone reads the damaged file (every second file in name order): both ranks skip the checkpoint."""
+    run = tmp_path / "run"
+    args = (*ARGS, f"data.path={tiny_data}", f"run.dir={run}", "train.steps=2", "parallel.tp=2")
+    first = cli("launcher.train", *args, launcher=torchrun(2))
+    assert first.returncode == 0, first.stderr
+    reference = losses(run)
+    newest = run / "checkpoints" / "step_00000002"
+    damaged = newest / sorted(json.loads((newest / META).read_text())["files"])[1]
+    _flip_a_byte(damaged)
+    result = cli("launcher.train", *args, launcher=torchrun(2))
+    assert result.returncode == 0, result.stderr
+    assert f"skipping checkpoint {newest}: {damaged} is damaged" in result.stderr
+    assert "step_00000001 at step 1" in result.stderr
+    assert losses(run) == reference
 
 
 class Payload:
