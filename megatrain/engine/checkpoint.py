@@ -3,8 +3,10 @@
 A save goes to `checkpoints/.partial-<tag>/`; when every rank has written, rank 0 records each
 file's size in `meta.json`, renames the directory to `<tag>` and rewrites the `latest` pointer
 atomically. A process killed mid-save leaves only a `.partial-*` directory behind, never a
-broken `latest`. Each rank also saves its own trainer state (step, tokens, data loader
-position, every RNG), so a resumed run continues bit for bit.
+broken `latest`. Each rank also saves its own trainer state (step, tokens, every RNG), and rank 0
+the data loader position once (`trainer/data.json`): the position is global (counted in samples over
+all DP ranks) and a pipeline's middle stages never read data, so their loaders' own positions are
+stale. Every rank restores the one saved position, on any layout; a resumed run continues bit for bit.
 
 Every checkpoint also holds a portable copy (`portable/`, see export/portable_format.py): a run whose layout
 (TP, PP, DP, ZeRO stage or precision) differs from the checkpoint's resumes from it instead of
@@ -37,6 +39,7 @@ from megatrain.parallel.mesh import Mesh
 log = logging.getLogger("megatrain")
 
 META = "meta.json"
+DATA_STATE = "trainer/data.json"  # the global data position, written once
 
 
 def tag_for(step: int) -> str:
@@ -122,7 +125,10 @@ class Checkpointer:
             meta = {"layout": run.mesh.layout.record(), "precision": run.cfg.train.precision,
                     "grad_reduce_dtype": grad_reduce_dtype(run.cfg)}
         (partial / "trainer").mkdir(parents=True, exist_ok=True)
-        torch.save({**trainer_state, "rng": rng_state()}, partial / "trainer" / f"rank_{self.rank:05d}.pt")
+        per_rank = {k: v for k, v in trainer_state.items() if k != "data"}
+        torch.save({**per_rank, "rng": rng_state()}, partial / "trainer" / f"rank_{self.rank:05d}.pt")
+        if self.rank == 0:  # rank 0 is the first pipeline stage: its loader is the one that reads
+            _write_atomic(partial / DATA_STATE, json.dumps(trainer_state["data"], indent=1))
         time.sleep(float(os.environ.get("MEGATRAIN_TEST_SAVE_PAUSE", "0")))
         dist.barrier()
         if self.rank == 0:
@@ -194,6 +200,10 @@ class Checkpointer:
         state = torch.load(own if own.exists() else path / "trainer" / "rank_00000.pt", weights_only=False)
         if own.exists():
             set_rng_state(state["rng"])
+        if (path / DATA_STATE).exists():  # older checkpoints: rank 0's own file holds it
+            state["data"] = json.loads((path / DATA_STATE).read_text())
+        elif own.exists() and self.rank != 0:
+            state["data"] = torch.load(path / "trainer" / "rank_00000.pt", weights_only=False)["data"]
         if self.context is not None:
             layout = self.context.mesh.layout
             before = meta.get("layout", {}).get("global_batch_size", layout.global_batch_size)
