@@ -102,6 +102,9 @@ class TrainConfig:
     compile: bool = False
     profile: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    # Before the engine is built: the planner's peak per rank against the memory free per rank.
+    # refuse: exit 2 naming the shortfall and layouts that fit | warn: log it and go on | off
+    memory_check: str = "refuse"
     sample_tokens: int = 0  # >0: print a sample of this many tokens at the end
     sample_prompt: str = "The"
 
@@ -355,6 +358,7 @@ def validate(cfg: Config, world_size: int) -> Layout:
                           "master weights and gradients) or train.grad_reduce_dtype=bf16")
     check_choice("train.activation_checkpointing", train.activation_checkpointing, ("none", "full", "selective"))
     check_choice("train.device", train.device, ("auto", "cpu", "cuda"))
+    check_choice("train.memory_check", train.memory_check, ("refuse", "warn", "off"))
     check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
     check_choice("optim.resume_schedule", cfg.optim.resume_schedule, ("keep", "stretch"))
     check_choice("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline", "disabled"))

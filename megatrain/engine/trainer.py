@@ -20,6 +20,7 @@ from megatrain.data.manifest import vocab_from_data
 from megatrain.engine.build import build_engine, init_distributed, pick_device, resolve_precision
 from megatrain.engine.checkpoint import Checkpointer, RunContext
 from megatrain.engine.dist_env import export_dist_env, resolve_dist_env
+from megatrain.engine.memory_check import check_memory
 from megatrain.engine.schedule import on_resume
 from megatrain.engine.step import eval_loss, train_step
 from megatrain.observe.logger import MetricsLogger, setup_console_logging
@@ -108,6 +109,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         log.info("model.vocab_size=%d: the tokenizer of %s has %d tokens, padded by %d to a multiple of "
                  "model.vocab_multiple x parallel.tp = %d x %d", vocab.vocab_size, vocab.source,
                  vocab.tokenizer_vocab, vocab.padding, cfg.model.vocab_multiple, cfg.parallel.tp)
+    check_memory(cfg, env.world_size, device)  # before any process group or weight: train.memory_check
     # Before any process group: a bad dataset costs seconds, not a queue wait. Rank 0 hashes the shards.
     data = check_data(cfg.data, cfg.tokenizer, seq_len=cfg.train.seq_len, model_vocab_size=cfg.model.vocab_size,
                       batch=layout.micro_batch_size * layout.dp, evaluate=cfg.train.eval_interval > 0,

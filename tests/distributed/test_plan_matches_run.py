@@ -16,15 +16,12 @@ import pytest
 import torch
 
 from megatrain.config import ModelConfig
-from megatrain.plan import plan
+from megatrain.plan import CPU_OVERHEAD_GB, plan
 from tests.distributed.harness import run_ranks
 from tests.distributed.workloads import make_config, synthetic_batches
 
 MODEL = ModelConfig(vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256)
 BUFFERS = ("ipg",)  # DeepSpeed's reduce buckets (ipg_buckets, ipg_buffer): communication buffers
-# Framework overhead of a CPU rank (plan.overhead_gb): a DeepSpeed engine of a 1-block, 16-wide
-# model grows the peak RSS by 72 MiB per rank here (engine build 48, first forward/backward 22).
-CPU_OVERHEAD_GB = 0.075
 
 
 def _rss_bytes() -> int:
