@@ -213,6 +213,10 @@ class TokenLoader:
             batch["doc_ids"] = torch.cumsum(is_eod, dim=1, dtype=torch.int32) - is_eod
         return batch
 
+    def rewind(self) -> None:
+        """Back to the first sample: the validation loader, built once, reads the same batches at every eval."""
+        self.samples, self.counts = 0, [0] * len(self.counts)
+
     def state_dict(self) -> dict[str, int]:
         state = {"samples": self.samples, "seq_len": self.seq_len, "micro_batch_size": self.mbs,
                  "dp_size": self.dp_size}

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from megatrain.config import Config, ConfigError, config_warnings, validate
-from megatrain.data.dataset import build_loader, check_data, load_tokenizer
+from megatrain.data.dataset import TokenLoader, build_loader, check_data, load_tokenizer
 from megatrain.data.manifest import vocab_from_data
 from megatrain.engine.build import build_engine, init_distributed, pick_device, resolve_precision
 from megatrain.engine.checkpoint import Checkpointer, RunContext
@@ -80,11 +80,9 @@ def _drop_rows_after(metrics: Path, step: int) -> None:
     metrics.write_text("".join(r + "\n" for r in rows))
 
 
-def evaluate(engine, cfg: Config, mesh: Mesh, device: torch.device) -> float:
+def evaluate(engine, cfg: Config, mesh: Mesh, device: torch.device, loader: TokenLoader) -> float:
     """Eval loss on `train.eval_steps` batches of the validation split (the same batches every time)."""
-    loader = build_loader(cfg.data, split="valid", seq_len=cfg.train.seq_len,
-                          micro_batch_size=mesh.layout.micro_batch_size, dp_rank=mesh.dp_rank, dp_size=mesh.dp,
-                          seed=cfg.train.seed)
+    loader.rewind()
     return to_host(loss=eval_loss(engine, loader.next_batch, cfg.train.eval_steps, device, mesh.dp_group))["loss"]
 
 
@@ -123,6 +121,9 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     loader = build_loader(cfg.data, split="train", seq_len=cfg.train.seq_len,
                           micro_batch_size=layout.micro_batch_size, dp_rank=mesh.dp_rank, dp_size=mesh.dp,
                           seed=cfg.train.seed)
+    valid = None if not cfg.train.eval_interval else build_loader(  # built once, rewound at every eval
+        cfg.data, split="valid", seq_len=cfg.train.seq_len, micro_batch_size=layout.micro_batch_size,
+        dp_rank=mesh.dp_rank, dp_size=mesh.dp, seed=cfg.train.seed)
 
     checkpointer = Checkpointer(run_dir, cfg.train.keep_last, env.rank,
                                 RunContext(cfg, mesh, data.tokenizer_path, data.eod_id))
@@ -210,7 +211,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
             window.restart()
         if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
             with window.excluded(device):  # eval time is not training throughput
-                last_eval = evaluate(engine, cfg, mesh, device)
+                last_eval = evaluate(engine, cfg, mesh, device, valid)
             row.update(step=step, eval_loss=last_eval, eval_ppl=math.exp(min(last_eval, 50.0)))
         if row:
             metrics.log(row)
