@@ -74,6 +74,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # Blocks per pipeline stage, e.g. [5, 6, 5]; None balances training FLOPs (parallel/stages.py).
     pp_split: Optional[List[int]] = None
+    # ZeRO gradient reduce bucket in elements; None: DeepSpeed's 5e8 (2 GB per rank in fp32 at ZeRO-3).
+    reduce_bucket_size: Optional[int] = None
 
 
 @dataclass
@@ -349,6 +351,9 @@ def validate(cfg: Config, world_size: int) -> Layout:
             raise ConfigError(f"parallel.{key}={getattr(par, key)}: {feature} is not available in this version; "
                               f"use parallel.{key}=1")
     validate_model(model, par.tp)
+    if par.reduce_bucket_size is not None and par.reduce_bucket_size < 1:
+        raise ConfigError(f"parallel.reduce_bucket_size={par.reduce_bucket_size} must be a positive element count "
+                          "(or null: DeepSpeed's 5e8)")
     check_choice("parallel.zero_stage", par.zero_stage, (0, 1, 2, 3))
     check_choice("train.precision", train.precision, ("bf16", "fp32", "auto"))
     check_choice("train.grad_reduce_dtype", train.grad_reduce_dtype, ("fp32", "bf16"))

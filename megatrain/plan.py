@@ -38,7 +38,7 @@ from megatrain.scaling.flops import ParamCounts, param_counts, training_flops_pe
 
 GB = 1e9
 # DeepSpeed's defaults, which megatrain's DeepSpeed config leaves unchanged.
-REDUCE_BUCKET = 500_000_000  # zero_optimization.reduce_bucket_size (elements)
+REDUCE_BUCKET = 500_000_000  # zero_optimization.reduce_bucket_size (elements), unless parallel.reduce_bucket_size
 CHECKPOINTING = ("none", "selective", "full")
 # A CPU rank's overhead (plan.overhead_gb on a CPU: no CUDA context): a DeepSpeed engine of a 1-block,
 # 16-wide model grows the peak RSS by 72 MiB per rank here (engine build 48, first forward/backward 22).
@@ -193,7 +193,7 @@ def comm_buffer_bytes(cfg: Config, params: int, block_params: int, zero: int) ->
         return 0.0
     # Gradients sit in reduce buckets (up to reduce_bucket_size elements) until they are reduced;
     # sized here by the gradients that fill them (DeepSpeed allocates the whole bucket at ZeRO-3).
-    bucket = min(params, REDUCE_BUCKET) * width
+    bucket = min(params, cfg.parallel.reduce_bucket_size or REDUCE_BUCKET) * width
     if zero == 3:  # the block being computed and the one prefetched, in the training precision
         bucket += 2 * block_params * (2 if cfg.train.precision == "bf16" else 4)
     return bucket

@@ -24,7 +24,7 @@ from megatrain.engine.memory_check import check_memory
 from megatrain.engine.schedule import on_resume
 from megatrain.engine.step import eval_loss, train_step
 from megatrain.observe.logger import MetricsLogger, setup_console_logging
-from megatrain.observe.meters import LossWatch, StepTimer, Throughput, memory_stats, peak_flops, to_host
+from megatrain.observe.meters import LossWatch, StepTimer, Throughput, memory_stats, peak_flops, process_memory, to_host
 from megatrain.parallel.mesh import Mesh
 from megatrain.parallel.stages import bubble_fraction
 from megatrain.scaling.flops import param_counts, training_flops_per_token
@@ -117,6 +117,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     init_distributed(device)
     mesh = Mesh.build(layout)
     torch.manual_seed(cfg.train.seed)
+    before_engine = process_memory()  # the planner's memory is what the engine and training add
     engine = build_engine(cfg, mesh, device, config_out=run_dir / "deepspeed.json" if env.rank == 0 else None)
     loader = build_loader(cfg.data, split="train", seq_len=cfg.train.seq_len,
                           micro_batch_size=layout.micro_batch_size, dp_rank=mesh.dp_rank, dp_size=mesh.dp,
@@ -236,6 +237,9 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
                    "tokens": tokens, "flops": tokens * flops_per_token, "steps": step,
                    "final_loss": last_loss, "final_eval_loss": last_eval,
                    "layout": layout.record(), "zero_stage": layout.zero_stage}
+        ranks: list[Any] = [None] * env.world_size
+        dist.all_gather_object(ranks, {"before_engine_rss": before_engine.get("rss"), **process_memory()})
+        summary["memory_per_rank_bytes"] = ranks  # CPU: RSS before the engine and its high-water mark
         if env.rank == 0:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         metrics.summary(summary)
