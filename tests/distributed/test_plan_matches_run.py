@@ -106,6 +106,9 @@ LAYOUTS = {
     "dp2-zero3-bf16": dict(parallel=dict(zero_stage=3), train=dict(precision="bf16")),
     "tp2-sp-zero2-fp32-selective": dict(parallel=dict(tp=2, zero_stage=2, sequence_parallel=True),
                                         train=dict(precision="fp32", activation_checkpointing="selective")),
+    # gradient accumulation: what ZeRO-1 and ZeRO-2 keep between micro-batches
+    "dp2-zero1-accum2-bf16": dict(parallel=dict(zero_stage=1), train=dict(precision="bf16", global_batch_size=16)),
+    "dp2-zero2-accum2-bf16": dict(parallel=dict(zero_stage=2), train=dict(precision="bf16", global_batch_size=16)),
 }
 
 # ZeRO-3 on CPU: the peak RSS keeps growing step after step (glibc keeps the freed buffers of
@@ -116,7 +119,7 @@ TOTAL_NOT_PINNED = ("dp2-zero3-bf16",)
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_planned_memory_matches_what_the_run_holds(name):
     sections = LAYOUTS[name]
-    train = dict(micro_batch_size=4, global_batch_size=8, seq_len=256, **sections["train"])
+    train = {"micro_batch_size": 4, "global_batch_size": 8, "seq_len": 256, **sections["train"]}
     cfg = make_config(vars(MODEL), parallel=sections["parallel"], train=train)
     cfg = replace(cfg, plan=replace(cfg.plan, overhead_gb=CPU_OVERHEAD_GB))
     planned = plan(cfg, world_size=2)
