@@ -1,7 +1,7 @@
 """The scale proof: a 0.67B LLaMA-style model trained with ZeRO-3 on 4 CPU ranks, saved and resumed exactly,
 with the planner's per-rank memory against the measured high-water mark of every rank.
 
-    python bench/bench_scale.py [--model llama-0.7b] [--steps 3] [--work /tmp/bench_scale] [--keep]
+    python bench/bench_scale.py [--model llama-0.7b] [--layers N] [--steps 3] [--work /tmp/bench_scale] [--keep]
 
 Steps: prepare the Shakespeare texts with a 32k BPE (launcher.prepare); plan ZeRO-0/1/3 with
 launcher.plan at a quarter of this host's memory; try ZeRO-1 (the pre-flight memory check refuses it);
@@ -61,6 +61,7 @@ def planned_total_gb(overrides: list[str], per_rank_gb: float) -> tuple[float, s
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="llama-0.7b")
+    parser.add_argument("--layers", type=int, help="model.n_layers (default: the preset's)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--work", default="/tmp/bench_scale")
     parser.add_argument("--keep", action="store_true", help="keep the run directories (~50 GB for 0.7B)")
@@ -80,6 +81,7 @@ def main() -> None:
     common = [f"model={args.model}", "train.precision=fp32", "train.activation_checkpointing=full",
               "train.micro_batch_size=1", "train.seq_len=128", f"train.global_batch_size={RANKS}",
               f"data.path={data}", "model.vocab_size=32000"]
+    common += [f"model.n_layers={args.layers}"] if args.layers else []
     quarter = meminfo("MemTotal") / RANKS / 1e9
     print(f"\nplans at MemTotal / {RANKS} = {quarter:.2f} GB per rank:")
     plans = {}
