@@ -106,9 +106,11 @@ LAYOUTS = {
     "dp2-zero3-bf16": dict(parallel=dict(zero_stage=3), train=dict(precision="bf16")),
     "tp2-sp-zero2-fp32-selective": dict(parallel=dict(tp=2, zero_stage=2, sequence_parallel=True),
                                         train=dict(precision="fp32", activation_checkpointing="selective")),
-    # gradient accumulation: what ZeRO-1 and ZeRO-2 keep between micro-batches
-    "dp2-zero1-accum2-bf16": dict(parallel=dict(zero_stage=1), train=dict(precision="bf16", global_batch_size=16)),
-    "dp2-zero2-accum2-bf16": dict(parallel=dict(zero_stage=2), train=dict(precision="bf16", global_batch_size=16)),
+    # gradient accumulation: what ZeRO-1 and ZeRO-2 keep between micro-batches (bf16 reduction: their own path)
+    "dp2-zero1-accum2-bf16": dict(parallel=dict(zero_stage=1),
+                                  train=dict(precision="bf16", grad_reduce_dtype="bf16", global_batch_size=16)),
+    "dp2-zero2-accum2-bf16": dict(parallel=dict(zero_stage=2),
+                                  train=dict(precision="bf16", grad_reduce_dtype="bf16", global_batch_size=16)),
 }
 
 # ZeRO-3 on CPU: the peak RSS keeps growing step after step (glibc keeps the freed buffers of
