@@ -89,6 +89,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # Blocks per pipeline stage, e.g. [5, 6, 5]; None balances training FLOPs (parallel/stages.py).
     pp_split: Optional[List[int]] = None
+    # ZeRO gradient reduce bucket in elements; None: DeepSpeed's 5e8 (2 GB per rank in fp32 at ZeRO-3).
+    reduce_bucket_size: Optional[int] = None
 
 
 @dataclass
@@ -122,6 +124,9 @@ class TrainConfig:
     compile: bool = False
     profile: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    # Before the engine is built: the planner's peak per rank against the memory free per rank.
+    # refuse: exit 2 naming the shortfall and layouts that fit | warn: log it and go on | off
+    memory_check: str = "refuse"
     sample_tokens: int = 0  # >0: print a sample of this many tokens at the end
     sample_prompt: str = "The"
 
@@ -442,6 +447,9 @@ def validate(cfg: Config, world_size: int) -> Layout:
             raise ConfigError(f"parallel.{key}={getattr(par, key)}: {feature} is not available in this version; "
                               f"use parallel.{key}=1")
     validate_model(model, par.tp)
+    if par.reduce_bucket_size is not None and par.reduce_bucket_size < 1:
+        raise ConfigError(f"parallel.reduce_bucket_size={par.reduce_bucket_size} must be a positive element count "
+                          "(or null: DeepSpeed's 5e8)")
     check_choice("parallel.zero_stage", par.zero_stage, (0, 1, 2, 3))
     check_choice("train.precision", train.precision, ("bf16", "fp32", "auto"))
     check_choice("train.grad_reduce_dtype", train.grad_reduce_dtype, ("fp32", "bf16"))
@@ -451,6 +459,7 @@ def validate(cfg: Config, world_size: int) -> Layout:
                           "master weights and gradients) or train.grad_reduce_dtype=bf16")
     check_choice("train.activation_checkpointing", train.activation_checkpointing, ("none", "full", "selective"))
     check_choice("train.device", train.device, ("auto", "cpu", "cuda"))
+    check_choice("train.memory_check", train.memory_check, ("refuse", "warn", "off"))
     check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant", "wsd"))
     _validate_cooldowns(cfg)
     check_choice("optim.resume_schedule", cfg.optim.resume_schedule, ("keep", "stretch"))

@@ -239,6 +239,10 @@ class TokenLoader:
                             "damaged or was not written by this dataset's tokenizer; run with "
                             "data.verify_fraction=1 to find it, or re-run launcher.prepare")
 
+    def rewind(self) -> None:
+        """Back to the first sample: the validation loader, built once, reads the same batches at every eval."""
+        self.samples, self.counts = 0, [0] * len(self.counts)
+
     def state_dict(self) -> dict[str, int]:
         state = {"samples": self.samples, "seq_len": self.seq_len, "micro_batch_size": self.mbs,
                  "dp_size": self.dp_size}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import warnings
@@ -41,10 +42,29 @@ def resolve_precision(device: torch.device) -> str:
     return "bf16" if device.type == "cuda" or hardware.cpu_has_native_bf16() else "fp32"
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_freed_memory_on_cpu() -> bool:
+    """glibc: serve allocations of 1 MiB or more with mmap, so a freed tensor goes back to the OS at once.
+
+    glibc raises its mmap threshold (up to 32 MiB) whenever such a block is freed, so ZeRO-3's parameters,
+    gathered and freed at every forward, then stay in the heap and the RSS grows step after step (tiny
+    model, fp32 ZeRO-3, 2 ranks: 306 / 340 MiB after 2 / 4 steps by default, 260 / 264 MiB with this).
+    Returns whether it applied (False off glibc).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 20))
+
+
 def init_distributed(device: torch.device) -> None:
     """Start torch.distributed through DeepSpeed, without its CPU ops that training never uses."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        return_freed_memory_on_cpu()
     warnings.filterwarnings("ignore", message=ZERO_COLLECTIVE_WARNING, category=FutureWarning)
     import deepspeed
 

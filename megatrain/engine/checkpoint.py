@@ -4,10 +4,13 @@ A save goes to `checkpoints/.partial-<tag>/`; when every rank has written, the r
 (each its share), rank 0 records each file's size and xxh3-128 digest in `meta.json`, renames the
 directory to `<tag>` and rewrites the `latest` pointer atomically. A process killed mid-save leaves
 only a `.partial-*` directory behind, never a broken `latest`. Each rank also saves its own trainer
-state (step, tokens, data loader position, every RNG) as JSON, so a resumed run continues bit for
-bit. Nothing loaded runs code: the trainer state is JSON, the portable copy safetensors + JSON, and
-DeepSpeed's own files are read with torch.load(weights_only=True) and an allow-list of DeepSpeed's
-types (parallel/deepspeed_internals.py).
+state (step, tokens, every RNG) as JSON, and rank 0 the data loader position once
+(`trainer/data.json`): the position is global (counted in samples over all DP ranks) and a
+pipeline's middle stages never read data, so their loaders' own positions are stale. Every rank
+restores the one saved position, on any layout; a resumed run continues bit for bit. Nothing loaded
+runs code: the trainer state is JSON, the portable copy safetensors + JSON, and DeepSpeed's own
+files are read with torch.load(weights_only=True) and an allow-list of DeepSpeed's types
+(parallel/deepspeed_internals.py).
 
 Every checkpoint also holds a portable copy (`portable/`, see export/portable_format.py): a run whose layout
 (TP, PP, DP, ZeRO stage or precision) differs from the checkpoint's resumes from it instead of
@@ -44,6 +47,7 @@ log = logging.getLogger("megatrain")
 
 META = "meta.json"
 DIGEST = "xxh3_128"  # content digest of every file, recorded in meta.json at save, checked before a load
+DATA_STATE = "trainer/data.json"  # the global data position, written once
 
 
 def tag_for(step: int) -> str:
@@ -158,8 +162,10 @@ class Checkpointer:
             meta = {"layout": run.mesh.layout.record(), "precision": run.cfg.train.precision,
                     "grad_reduce_dtype": grad_reduce_dtype(run.cfg)}
         (partial / "trainer").mkdir(parents=True, exist_ok=True)
-        _write_atomic(partial / "trainer" / f"rank_{self.rank:05d}.json",
-                      json.dumps({**trainer_state, "rng": rng_state()}))
+        per_rank = {k: v for k, v in trainer_state.items() if k != "data"}
+        _write_atomic(partial / "trainer" / f"rank_{self.rank:05d}.json", json.dumps({**per_rank, "rng": rng_state()}))
+        if self.rank == 0:  # rank 0 is the first pipeline stage: its loader is the one that reads
+            _write_atomic(partial / DATA_STATE, json.dumps(trainer_state["data"], indent=1))
         time.sleep(float(os.environ.get("MEGATRAIN_TEST_SAVE_PAUSE", "0")))
         dist.barrier()
         # rank 0 lists the files (one listing, not one per rank), each rank hashes its share of them
@@ -242,6 +248,7 @@ class Checkpointer:
         state = _trainer_state(path, self.rank)
         if "rng" in state:  # this rank's own state (a run with more ranks than the checkpoint starts them fresh)
             set_rng_state(state.pop("rng"))
+        state["data"] = json.loads((path / DATA_STATE).read_text())
         if self.context is not None:
             layout = self.context.mesh.layout
             before = meta.get("layout", {}).get("global_batch_size", layout.global_batch_size)

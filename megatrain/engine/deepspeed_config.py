@@ -10,6 +10,8 @@ from megatrain.config import Config, Layout, grad_reduce_dtype
 def deepspeed_config(cfg: Config, layout: Layout) -> dict[str, Any]:
     stage = cfg.parallel.zero_stage
     zero: dict[str, Any] = {"stage": stage}
+    if cfg.parallel.reduce_bucket_size is not None:
+        zero["reduce_bucket_size"] = cfg.parallel.reduce_bucket_size
     if stage >= 2:
         zero.update(contiguous_gradients=True, overlap_comm=True, reduce_scatter=True)
     if stage == 3:

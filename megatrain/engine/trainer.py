@@ -15,15 +15,16 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from megatrain.config import Config, ConfigError, config_warnings, validate
-from megatrain.data.dataset import build_loader, check_data, load_tokenizer
+from megatrain.data.dataset import TokenLoader, build_loader, check_data, load_tokenizer
 from megatrain.data.manifest import vocab_from_data
 from megatrain.engine.build import build_engine, init_distributed, pick_device, resolve_precision
 from megatrain.engine.checkpoint import Checkpointer, RunContext
 from megatrain.engine.dist_env import export_dist_env, resolve_dist_env
+from megatrain.engine.memory_check import check_memory
 from megatrain.engine.schedule import on_resume
 from megatrain.engine.step import eval_loss, train_step
 from megatrain.observe.logger import MetricsLogger, setup_console_logging
-from megatrain.observe.meters import LossWatch, StepTimer, Throughput, memory_stats, peak_flops, to_host
+from megatrain.observe.meters import LossWatch, StepTimer, Throughput, memory_stats, peak_flops, process_memory, to_host
 from megatrain.parallel.mesh import Mesh
 from megatrain.parallel.stages import bubble_fraction
 from megatrain.scaling.flops import param_counts, training_flops_per_token
@@ -79,11 +80,9 @@ def _drop_rows_after(metrics: Path, step: int) -> None:
     metrics.write_text("".join(r + "\n" for r in rows))
 
 
-def evaluate(engine, cfg: Config, mesh: Mesh, device: torch.device) -> float:
+def evaluate(engine, cfg: Config, mesh: Mesh, device: torch.device, loader: TokenLoader) -> float:
     """Eval loss on `train.eval_steps` batches of the validation split (the same batches every time)."""
-    loader = build_loader(cfg.data, split="valid", seq_len=cfg.train.seq_len,
-                          micro_batch_size=mesh.layout.micro_batch_size, dp_rank=mesh.dp_rank, dp_size=mesh.dp,
-                          seed=cfg.train.seed)
+    loader.rewind()
     return to_host(loss=eval_loss(engine, loader.next_batch, cfg.train.eval_steps, device, mesh.dp_group))["loss"]
 
 
@@ -108,6 +107,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         log.info("model.vocab_size=%d: the tokenizer of %s has %d tokens, padded by %d to a multiple of "
                  "model.vocab_multiple x parallel.tp = %d x %d", vocab.vocab_size, vocab.source,
                  vocab.tokenizer_vocab, vocab.padding, cfg.model.vocab_multiple, cfg.parallel.tp)
+    check_memory(cfg, env.world_size, device)  # before any process group or weight: train.memory_check
     # Before any process group: a bad dataset costs seconds, not a queue wait. Rank 0 hashes the shards.
     data = check_data(cfg.data, cfg.tokenizer, seq_len=cfg.train.seq_len, model_vocab_size=cfg.model.vocab_size,
                       batch=layout.micro_batch_size * layout.dp, evaluate=cfg.train.eval_interval > 0,
@@ -117,10 +117,14 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     init_distributed(device)
     mesh = Mesh.build(layout)
     torch.manual_seed(cfg.train.seed)
+    before_engine = process_memory()  # the planner's memory is what the engine and training add
     engine = build_engine(cfg, mesh, device, config_out=run_dir / "deepspeed.json" if env.rank == 0 else None)
     loader = build_loader(cfg.data, split="train", seq_len=cfg.train.seq_len,
                           micro_batch_size=layout.micro_batch_size, dp_rank=mesh.dp_rank, dp_size=mesh.dp,
                           seed=cfg.train.seed)
+    valid = None if not cfg.train.eval_interval else build_loader(  # built once, rewound at every eval
+        cfg.data, split="valid", seq_len=cfg.train.seq_len, micro_batch_size=layout.micro_batch_size,
+        dp_rank=mesh.dp_rank, dp_size=mesh.dp, seed=cfg.train.seed)
 
     checkpointer = Checkpointer(run_dir, cfg.train.keep_last, env.rank,
                                 RunContext(cfg, mesh, data.tokenizer_path, data.eod_id))
@@ -212,7 +216,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
             window.restart()
         if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
             with window.excluded(device):  # eval time is not training throughput
-                last_eval = evaluate(engine, cfg, mesh, device)
+                last_eval = evaluate(engine, cfg, mesh, device, valid)
             row.update(step=step, eval_loss=last_eval, eval_ppl=math.exp(min(last_eval, 50.0)))
         if row:
             metrics.log(row)
@@ -243,6 +247,9 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
                    **dict(zip(("unique_tokens", "epochs"), loader.seen())),
                    "final_loss": last_loss, "final_eval_loss": last_eval,
                    "layout": layout.record(), "zero_stage": layout.zero_stage}
+        ranks: list[Any] = [None] * env.world_size
+        dist.all_gather_object(ranks, {"before_engine_rss": before_engine.get("rss"), **process_memory()})
+        summary["memory_per_rank_bytes"] = ranks  # CPU: RSS before the engine and its high-water mark
         if env.rank == 0:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         metrics.summary(summary)

@@ -52,6 +52,16 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     return {"mem_peak_rss_gb": rss_kb / (2**30 if sys.platform == "darwin" else 2**20)}
 
 
+def process_memory() -> dict[str, int]:
+    """Bytes: this process's resident set now ("rss") and its high-water mark ("peak_rss", VmHWM); {} off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        return {}
+    return {"rss": int(fields["VmRSS"].split()[0]) * 1024, "peak_rss": int(fields["VmHWM"].split()[0]) * 1024}
+
+
 def wait_for_device(device: torch.device) -> None:
     """Before timing something that is not training (eval, a save): let queued training work finish."""
     if device.type == "cuda":

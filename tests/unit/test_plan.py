@@ -186,3 +186,17 @@ def test_a_null_vocabulary_is_sized_from_the_data_as_training_sizes_it(tmp_path)
     assert planned.params.total == param_counts(replace(preset("tiny").model, vocab_size=512)).total  # 280 -> 2 x 256
     with pytest.raises(ConfigError, match="model.vocab_size is null .* give model.vocab_size=<n> to plan without"):
         plan(preset("tiny", f"data.path={tmp_path / 'none'}"))
+
+
+def test_pipeline_memory_is_planned_for_the_first_and_the_last_stage():
+    cfg = preset("llama-1b", "parallel.pp=4", "model.tie_embeddings=false", "train.micro_batch_size=1",
+                 "train.global_batch_size=8", "train.seq_len=4096", "parallel.zero_stage=1")
+    p = plan(cfg)
+    first, last = p.first_last_memory
+    assert p.stage_blocks == (5, 5, 5, 1)  # the head's FLOPs weigh one stage's worth of blocks
+    layer = layer_activation_bytes(cfg.model, 1, False, "bf16", "none")
+    assert first.activations == pytest.approx(4096 * 5 * 4 * layer)  # 1F1B: 4 micro batches in flight
+    head = sum(head_activation_bytes(cfg.model, 1, False, "bf16"))
+    assert last.activations == pytest.approx(4096 * (layer + head))  # one in flight, with the head and loss
+    assert first.weights / last.weights == pytest.approx(p.stage_params[0] / p.stage_params[-1])
+    assert p.memory == max(first, last, key=lambda m: m.total)
