@@ -170,17 +170,21 @@ def activation_bytes(cfg: Config, micro_batch: int, grad_accum: int, checkpointi
         kept = layers * in_flight * a * (model.d_model / tp if sp else model.d_model) + layer
     else:
         kept = layers * in_flight * layer
-    head = sum(head_activation_bytes(model, tp, sp, train.precision)) if par.pp == 1 else 0.0  # else on the last stage
-    return tokens * (kept + head)
+    # else on the last stage
+    head = sum(head_activation_bytes(model, tp, sp, train.precision, tokens)) if par.pp == 1 else 0.0
+    return tokens * kept + head
 
 
-def head_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str) -> tuple[float, float]:
-    """(kept for backward, transient at the loss) bytes per token of the final norm, LM head and loss."""
+def head_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str, tokens: int) -> tuple[float, float]:
+    """(kept for backward, transient at the loss) bytes of the final norm and the fused LM head + loss
+    for `tokens` tokens of a micro batch (parallel/cross_entropy.py: gradients made in forward)."""
     a = 2 if precision == "bf16" else 4
     r, vocab = (model.d_model / tp if sp else model.d_model), model.vocab_size / tp
-    kept = (8 if model.norm == "rmsnorm" else 4) * r + a * model.d_model + 4 * vocab  # norm, head input, fp32 softmax
-    # While the loss runs: the logits, their fp32 copy (bf16 only) and the shifted logits.
-    return kept, (a + (4 if a == 2 else 0) + 4) * vocab
+    # The norm's fp32 copies, then the gradients of the head's input (full sequence) and of its weight.
+    kept = tokens * ((8 if model.norm == "rmsnorm" else 4) * r + a * model.d_model) + a * vocab * model.d_model
+    # One chunk's logits at a time: in fp32 (and their bf16 matmul output or gradient beside them).
+    chunk = min(tokens, model.loss_chunk_tokens or tokens)
+    return kept, chunk * (4 + (2 if a == 2 else 0)) * vocab
 
 
 def comm_buffer_bytes(cfg: Config, params: int, block_params: int, zero: int) -> float:

@@ -108,7 +108,8 @@ def test_activation_bytes_are_what_autograd_keeps(model, precision, checkpointin
         per_layer = (2 if precision == "bf16" else 4) * model.d_model  # the block input only
     else:
         per_layer = layer_activation_bytes(model, 1, False, precision, checkpointing)
-    planned = micro * seq * (model.n_layers * per_layer + head_activation_bytes(model, 1, False, precision)[0])
+    planned = (micro * seq * model.n_layers * per_layer
+               + head_activation_bytes(model, 1, False, precision, micro * seq)[0])
     assert planned == pytest.approx(measured, rel=0.05)
 
 
