@@ -25,6 +25,7 @@ from megatrain.parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     enter_tp_region,
+    fused_column_linear,
     make_param,
     vocab_shard,
 )
@@ -60,11 +61,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         x = enter_tp_region(x, self.mesh, self.sp)  # one gather/copy shared by q, k and v
         b, s, _ = x.shape
-        q = self.q(x, ready=True).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k(x, ready=True).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x, ready=True).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (y.view(b, s, -1, self.head_dim).transpose(1, 2)
+                   for y in fused_column_linear(x, [self.q, self.k, self.v]))
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+            v = v.contiguous()  # else SDPA's saved v, a view, would keep the unrotated q and k alive
         if self.selective:  # recompute only the attention core: the largest activations, cheap FLOPs
             y = checkpoint(self.core, q, k, v, ctx.mask, use_reentrant=False)
         else:
@@ -91,7 +92,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = enter_tp_region(x, self.mesh, self.sp)
         if self.swiglu:
-            return self.down(F.silu(self.gate(x, ready=True)) * self.up(x, ready=True))
+            gate, up = fused_column_linear(x, [self.gate, self.up])
+            return self.down(F.silu(gate) * up)
         return self.down(F.gelu(self.up(x, ready=True), approximate="tanh"))
 
 
