@@ -61,6 +61,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     dropout: float = 0.0
     init_std: float = 0.02
+    # Tokens whose logits exist at once in the fused LM head + loss (memory: chunk x vocab/tp x 4 B,
+    # about twice); null: all tokens of the micro-batch at once. Changes no result.
+    loss_chunk_tokens: Optional[int] = 1024
 
     @property
     def kv_heads(self) -> int:
@@ -393,8 +396,9 @@ def validate_model(model: ModelConfig, tp: int = 1) -> None:
     check_choice("model.norm", model.norm, ("rmsnorm", "layernorm"))
     check_choice("model.position", model.position, ("rope", "learned"))
     check_choice("model.activation", model.activation, ("swiglu", "gelu"))
-    for key in ("vocab_size", "vocab_multiple", "d_model", "n_layers", "n_heads", "max_seq_len"):
-        if getattr(model, key) is not None and getattr(model, key) <= 0:  # vocab_size null: sized from the data
+    for key in ("vocab_size", "vocab_multiple", "d_model", "n_layers", "n_heads", "max_seq_len", "loss_chunk_tokens"):
+        # vocab_size null: sized from the data; loss_chunk_tokens null: one chunk
+        if getattr(model, key) is not None and getattr(model, key) <= 0:
             raise ConfigError(f"model.{key}={getattr(model, key)} must be positive")
     if model.d_model % model.n_heads:
         raise ConfigError(f"model.d_model={model.d_model} must be divisible by model.n_heads={model.n_heads}")

@@ -146,6 +146,12 @@ def _model_states(params: int, dp: int, zero: int, precision: str, grad_dtype: s
     return weights, (4 if grad_dtype == "fp32" else width) * params / dp, 12 * params / dp
 
 
+def norm_bytes(model: ModelConfig, a: int, r: float) -> float:
+    """Per token, what a norm keeps: its input (a bytes, width r) and fp32 statistics (RMSNorm 1/rms;
+    LayerNorm mean, 1/std); the fp32 copies it computes in are transient (model/norms.py)."""
+    return a * r + (4 if model.norm == "rmsnorm" else 8)
+
+
 def layer_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str, checkpointing: str) -> float:
     """Bytes autograd keeps per token for one block (without checkpointing, or with selective)."""
     # Korthikanti et al.'s symbols: a bytes per activation element, h hidden size, r residual width here.
@@ -153,8 +159,7 @@ def layer_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str
     h = model.d_model
     r = h / tp if sp else h  # the residual stream: sequence-sharded under SP
     dq, dkv, f = model.n_heads * model.head_dim / tp, model.kv_heads * model.head_dim / tp, model.ffn_dim / tp
-    # Norm: its fp32 input copy and normalised output (RMSNorm; LayerNorm keeps the input only).
-    norm = (8 if model.norm == "rmsnorm" else 4) * r
+    norm = norm_bytes(model, a, r)
     linear_in = a * h  # the input of q/k/v (and gate/up): the full sequence, gathered under SP
     sdpa = a * (2 * dq + 2 * dkv) + 4 * model.n_heads / tp  # q, k, v, output, fp32 logsumexp
     if checkpointing == "selective":
@@ -180,17 +185,23 @@ def activation_bytes(cfg: Config, micro_batch: int, grad_accum: int, checkpointi
         kept = layers * in_flight * a * (model.d_model / tp if sp else model.d_model) + layer
     else:
         kept = layers * in_flight * layer
-    head = sum(head_activation_bytes(model, tp, sp, train.precision)) if stage == par.pp - 1 else 0.0
-    return tokens * (kept + head)
+    # the last stage: the fused head + loss (under PP its loss runs in DeepSpeed's loss_fn, on whole logits)
+    head = sum(head_activation_bytes(model, tp, sp, train.precision, tokens, whole_logits=par.pp > 1)) \
+        if stage == par.pp - 1 else 0.0
+    return tokens * kept + head
 
 
-def head_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str) -> tuple[float, float]:
-    """(kept for backward, transient at the loss) bytes per token of the final norm, LM head and loss."""
+def head_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str, tokens: int,
+                          whole_logits: bool = False) -> tuple[float, float]:
+    """(kept for backward, transient at the loss) bytes of the final norm and the fused LM head + loss
+    for `tokens` tokens of a micro batch (parallel/cross_entropy.py: gradients made in forward)."""
     a = 2 if precision == "bf16" else 4
     r, vocab = (model.d_model / tp if sp else model.d_model), model.vocab_size / tp
-    kept = (8 if model.norm == "rmsnorm" else 4) * r + a * model.d_model + 4 * vocab  # norm, head input, fp32 softmax
-    # While the loss runs: the logits, their fp32 copy (bf16 only) and the shifted logits.
-    return kept, (a + (4 if a == 2 else 0) + 4) * vocab
+    # The final norm, then the gradients of the head's input (full sequence) and of its weight.
+    kept = tokens * (norm_bytes(model, a, r) + a * model.d_model) + a * vocab * model.d_model
+    # One chunk's logits at a time: in fp32 (and their bf16 matmul output or gradient beside them).
+    chunk = tokens if whole_logits else min(tokens, model.loss_chunk_tokens or tokens)
+    return kept, chunk * (4 + (2 if a == 2 else 0)) * vocab
 
 
 def comm_buffer_bytes(cfg: Config, params: int, block_params: int, zero: int) -> float:

@@ -18,8 +18,30 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device)
     return angles.cos(), angles.sin()
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sign * sin, written half by half into one new tensor of x's dtype:
+    no rotated copy, no fp32 copy (the fp32 tables are read element by element)."""
+    half = x.shape[-1] // 2
+    out = torch.mul(x, cos, out=torch.empty_like(x))
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-sign)
+    out[..., half:].addcmul_(x[..., :half], sin[..., :half], value=sign)
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    """A rotation: its backward is the inverse rotation, so nothing but the shared tables is saved."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, -1.0), None, None
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [batch, heads, seq, head_dim] by the tables."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return _Rope.apply(x, cos, sin)

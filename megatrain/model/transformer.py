@@ -19,12 +19,13 @@ from torch.utils.checkpoint import checkpoint
 from megatrain.config import ModelConfig
 from megatrain.model.norms import Norm
 from megatrain.model.rope import apply_rope, rope_tables
-from megatrain.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatrain.parallel.cross_entropy import chunked_head_cross_entropy, vocab_parallel_cross_entropy
 from megatrain.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     enter_tp_region,
+    fused_column_linear,
     make_param,
     vocab_shard,
 )
@@ -60,11 +61,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         x = enter_tp_region(x, self.mesh, self.sp)  # one gather/copy shared by q, k and v
         b, s, _ = x.shape
-        q = self.q(x, ready=True).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k(x, ready=True).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x, ready=True).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (y.view(b, s, -1, self.head_dim).transpose(1, 2)
+                   for y in fused_column_linear(x, [self.q, self.k, self.v]))
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+            v = v.contiguous()  # else SDPA's saved v, a view, would keep the unrotated q and k alive
         if self.selective:  # recompute only the attention core: the largest activations, cheap FLOPs
             y = checkpoint(self.core, q, k, v, ctx.mask, use_reentrant=False)
         else:
@@ -91,7 +92,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = enter_tp_region(x, self.mesh, self.sp)
         if self.swiglu:
-            return self.down(F.silu(self.gate(x, ready=True)) * self.up(x, ready=True))
+            gate, up = fused_column_linear(x, [self.gate, self.up])
+            return self.down(F.silu(gate) * up)
         return self.down(F.gelu(self.up(x, ready=True), approximate="tanh"))
 
 
@@ -134,7 +136,8 @@ class Embedding(nn.Module):
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, mesh: Mesh) -> torch.Tensor:
-    """Mean next-token cross entropy from this rank's vocabulary slice of the logits."""
+    """Mean next-token cross entropy from this rank's vocabulary slice of the logits (the pipeline's
+    last stage, where the logits arrive made; the single-stage head fuses them with the loss)."""
     start, _ = vocab_shard(vocab_size, mesh)
     return vocab_parallel_cross_entropy(logits, labels, start, mesh.tp_group).mean()
 
@@ -144,7 +147,7 @@ class Head(nn.Module):
 
     def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool = False):
         super().__init__()
-        self.mesh, self.vocab_size = mesh, cfg.vocab_size
+        self.mesh, self.sp, self.vocab_size, self.chunk = mesh, sp, cfg.vocab_size, cfg.loss_chunk_tokens
         self.norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias, mesh, sp)
         self.proj = None if cfg.tie_embeddings else ColumnParallelLinear(
             cfg.d_model, cfg.vocab_size, mesh, std=cfg.init_std, sequence_parallel=sp)
@@ -153,10 +156,13 @@ class Head(nn.Module):
                 tied: Embedding | None = None) -> torch.Tensor:
         """Mean loss over all tokens when labels are given, else full-vocabulary logits."""
         h = self.norm(h)
-        logits = self.proj(h) if self.proj is not None else tied.logits(h)
         if labels is None:
+            logits = self.proj(h) if self.proj is not None else tied.logits(h)
             return gather_last_dim(logits, self.mesh.tp_group)
-        return lm_loss(logits, labels, self.vocab_size, self.mesh)
+        weight = self.proj.weight if self.proj is not None else tied.tokens.weight
+        start, _ = vocab_shard(self.vocab_size, self.mesh)
+        return chunked_head_cross_entropy(enter_tp_region(h, self.mesh, self.sp), weight, labels, start,
+                                          self.mesh.tp_group, self.chunk)
 
 
 class Transformer(nn.Module):

@@ -74,6 +74,37 @@ class ColumnParallelLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class _FusedLinear(torch.autograd.Function):
+    """x [W1; W2; ...]^T + [b1; b2; ...] as one GEMM. Saves x and the separate weights, not their
+    concatenation: the fused weight is remade in backward, never kept as an activation."""
+
+    @staticmethod
+    def forward(ctx, x, n_weights, *params):
+        weights, biases = params[:n_weights], params[n_weights:]
+        ctx.n_weights, ctx.has_bias = n_weights, bool(biases)
+        ctx.save_for_backward(x, *weights)
+        return F.linear(x, torch.cat(weights), torch.cat(biases) if biases else None)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *weights = ctx.saved_tensors
+        sizes = [w.shape[0] for w in weights]
+        grad_x = grad @ torch.cat(weights)
+        flat = grad.reshape(-1, grad.shape[-1])
+        grad_w = (flat.t() @ x.reshape(-1, x.shape[-1])).split(sizes)
+        grad_b = flat.sum(0).split(sizes) if ctx.has_bias else ()
+        return grad_x, None, *grad_w, *grad_b
+
+
+def fused_column_linear(x: torch.Tensor, linears: list[ColumnParallelLinear]) -> tuple[torch.Tensor, ...]:
+    """The outputs of column-parallel linears that share their input x (already in the TP region:
+    `enter_tp_region`), computed as one GEMM. Each keeps its own parameter, so checkpoints, init
+    and export see the separate q/k/v (gate/up) weights; every TP rank's shards are whole heads."""
+    biases = [lin.bias for lin in linears if lin.bias is not None]
+    y = _FusedLinear.apply(x, len(linears), *(lin.weight for lin in linears), *biases)
+    return y.split([lin.weight.shape[0] for lin in linears], dim=-1)
+
+
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W split by columns (input features); the input arrives split."""
 
