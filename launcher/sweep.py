@@ -11,7 +11,7 @@ import sys
 
 from hydra.core.hydra_config import HydraConfig
 
-from launcher.common import hydra_main
+from launcher.common import fail, hydra_main
 from megatrain.config import to_config
 from megatrain.scaling.sweep import plan, sweep_warnings, write_sweep
 
@@ -22,7 +22,7 @@ def task(cfg) -> None:
     try:
         points = plan(config)
     except ValueError as e:
-        sys.exit(f"sweep: {e}")
+        fail(f"sweep: {e}")
     argv = write_sweep(config, points, [*overrides.hydra, *overrides.task])
     for p in points:
         print(f"{p.name}: C={p.budget:.3g} N={p.params} ({p.params_total} total) D={p.tokens} "

@@ -30,10 +30,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the new one, never a part."""
     part = path.with_name(path.name + ".part")
-    part.write_text(json.dumps(obj, indent=2) + "\n")
+    part.write_text(text)
     os.replace(part, path)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_manifest(directory: str | Path) -> dict:

@@ -251,9 +251,12 @@ def verify(path: Path) -> str | None:
     if not meta_file.exists():
         return f"no {META} (an interrupted save)"
     try:
-        files = json.loads(meta_file.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as err:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         return f"{META} is unreadable ({err})"
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not isinstance(meta.get("step"), int):
+        return f"{META} is not a checkpoint record (an object with 'step' and 'files')"
     for name, size in files.items():
         f = path / name
         if not f.exists():
