@@ -1,7 +1,8 @@
 """Wiring shared by every launcher: Hydra's entry point on the config tree in conf/, and the error contract.
 
 Exit codes (README, "Errors"): 2 for a bad key, value, file or layout (one line, naming the key and what is
-allowed, before any process group), 3 for a plan that does not fit, 75 for a run saved on a signal.
+allowed, before any process group), 3 for a plan that does not fit, 74 for a save that ran out of disk space,
+75 for a run saved on a signal.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from megatrain.config import Config, ConfigError, register_configs
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 EXIT_CONFIG_ERROR = 2
 EXIT_DOES_NOT_FIT = 3
+EXIT_DISK_FULL = 74  # EX_IOERR: not 75, so a batch script does not requeue into the same full disk
 
 
 def is_rank_zero() -> bool:
@@ -30,9 +32,9 @@ def is_rank_zero() -> bool:
     return (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0"
 
 
-def fail(message: str, code: int = EXIT_CONFIG_ERROR) -> NoReturn:
-    """Print `error: <message>` as one line (rank 0 only: every rank hits the same error) and exit."""
-    if is_rank_zero():
+def fail(message: str, code: int = EXIT_CONFIG_ERROR, every_rank: bool = False) -> NoReturn:
+    """Print `error: <message>` as one line (rank 0 only: every rank hits the same config error) and exit."""
+    if every_rank or is_rank_zero():
         print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
     sys.exit(code)
 

@@ -8,10 +8,12 @@ writes config.yaml and metrics.jsonl; every rank resolves the same resume point 
 from __future__ import annotations
 
 import atexit
+import errno
 import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass
@@ -151,3 +153,29 @@ def reset_metrics(run_dir: Path, step: int) -> None:
             log.warning("%s: dropping its torn last line (%d bytes; a write cut short): %r", path, len(line),
                         line[:80])
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step))
+
+
+class DiskFull(OSError):
+    """A save ran out of space; the message names the filesystem and the checkpoint that is kept."""
+
+
+DISK_FULL_BYTES = 64 << 20  # less free than this after a failed write: the disk is full (torch names no errno)
+
+
+def check_save_failure(err: BaseException, root: Path, step: int, rank: int) -> DiskFull | None:
+    """A DiskFull to raise instead of `err` when the failed save ran out of space (rank 0 removes its part)."""
+    chain, errnos = err, set()
+    while chain is not None:
+        errnos.add(getattr(chain, "errno", None))
+        chain = chain.__cause__ or chain.__context__
+    usage = shutil.disk_usage(root if root.exists() else root.parent)
+    if not errnos & {errno.ENOSPC, errno.EDQUOT} and usage.free >= DISK_FULL_BYTES:
+        return None
+    kept = Checkpointer(root.parent, 0, rank).complete()
+    if rank == 0:
+        for partial in root.glob(".partial-*"):
+            shutil.rmtree(partial, ignore_errors=True)
+    previous = f"the previous checkpoint {kept[-1]} is kept" if kept else "no earlier checkpoint exists"
+    return DiskFull(f"no space left on {root} while saving step {step} ({usage.free >> 20} MiB free of "
+                    f"{usage.total >> 20} MiB; {type(err).__name__}: {str(err).splitlines()[0][:120]}); {previous}: "
+                    "free space, then rerun the same command to resume")

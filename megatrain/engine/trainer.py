@@ -21,6 +21,7 @@ from megatrain.engine.checkpoint import Checkpointer, RunContext
 from megatrain.engine.dist_env import export_dist_env, resolve_dist_env
 from megatrain.engine.run_dir import (
     check_same_model,
+    check_save_failure,
     lock_run_dir,
     reset_metrics,
     resume_point,
@@ -51,6 +52,11 @@ class Preemption:
     def _request(self, signum, frame) -> None:
         # Only a flag: a second signal during the save cannot interrupt it.
         self.requested = True
+
+    def ignore_from_now(self) -> None:
+        """After the save on a signal: the exit is 75 whatever arrives during the teardown (was 143)."""
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
 
     def agreed(self, device: torch.device) -> bool:
         """All ranks stop at the same step if any rank was signalled."""
@@ -160,8 +166,14 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         every, interval = cfg.train.portable_every, cfg.train.save_interval
         portable = final or every == 1 or (interval > 0 and step % (interval * every) == 0)
         start = time.perf_counter()
-        path = checkpointer.save(engine, step, {"step": step, "tokens": tokens, "data": loader.state_dict()},
-                                 with_portable=portable)
+        try:
+            path = checkpointer.save(engine, step, {"step": step, "tokens": tokens, "data": loader.state_dict()},
+                                     with_portable=portable)
+        except (OSError, RuntimeError) as err:  # torch reports a full disk as "unexpected pos" or an iostream error
+            full = check_save_failure(err, checkpointer.root, step, env.rank)
+            if full is None:
+                raise
+            raise full from err
         metrics.note(f"saved step {step} to {path} in {time.perf_counter() - start:.1f} s"
                      + ("" if portable else " (no portable copy: train.portable_every)"))
 
@@ -196,6 +208,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
             profiler.step()
         if preemption.agreed(device):
             save()
+            preemption.ignore_from_now()
             log.info("signal received: saved step %d, exiting with %d for requeue", step, EXIT_PREEMPTED)
             exit_code = EXIT_PREEMPTED
             break
