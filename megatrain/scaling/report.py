@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megatrain.config import Config, FitConfig, LoggingConfig
+from megatrain.data.manifest import with_umask_mode
 from megatrain.scaling import fit as fitting
 from megatrain.scaling.collect import collect
 from megatrain.scaling.fit import ParametricFit, Point
@@ -92,6 +93,7 @@ def _write_json(path: Path, obj: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, default=float)
+    with_umask_mode(tmp)
     os.replace(tmp, path)
 
 
@@ -101,6 +103,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
+    with_umask_mode(tmp)
     os.replace(tmp, path)
 
 
