@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 
-from tests.e2e.conftest import QUIET, ROOT, TRAIN, cli, metrics
+from tests.e2e.conftest import QUIET, ROOT, TRAIN, cli, metrics, torchrun
 
 ARGS = (*TRAIN, "train.precision=fp32", "train.eval_interval=0")
 
@@ -43,6 +43,11 @@ def test_rerun_torn_log_and_another_model(tiny_data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "dropping its torn last line" in resumed.stderr
     assert [row["step"] for row in metrics(run)] == [1, 2, 3]
+
+    # two ranks resuming on another layout: rank 0 alone says so (it was one line per rank)
+    relayout = cli("launcher.train", *base, "train.steps=4", "parallel.tp=2", launcher=torchrun(2))
+    assert relayout.returncode == 0, relayout.stderr
+    assert relayout.stderr.count("loading its portable copy") == 1, relayout.stderr
 
 
 def _holder(run) -> subprocess.Popen:
