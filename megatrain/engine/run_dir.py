@@ -48,7 +48,7 @@ def _describe(holder: dict[str, Any]) -> str:
 
 
 def lock_run_dir(run_dir: Path) -> int:
-    """Take the exclusive lock on run_dir (rank 0); returns the open descriptor, held until the process exits.
+    """Take the exclusive lock on run_dir (rank 0); returns the open descriptor, held until release_run_dir or exit.
     The lock file names its holder: host, pid, SLURM job id (a requeued job keeps its id), since when.
 
     flock is released by the kernel when its holder dies (kill -9, a requeued SLURM job), so a lock that can
@@ -72,14 +72,26 @@ def lock_run_dir(run_dir: Path) -> int:
                     _describe(before))
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(_holder()).encode(), 0)
-    atexit.register(_release, fd)
+    _HELD.add(fd)
     return fd
 
 
-def _release(fd: int) -> None:
-    """On a clean exit (also sys.exit(75)) the lock names nobody; a killed holder leaves its name for the message."""
-    os.ftruncate(fd, 0)
-    os.close(fd)
+_HELD: set[int] = set()
+
+
+@atexit.register
+def _release_all() -> None:  # a run that raised still exits cleanly (sys.exit(2), a traceback)
+    for fd in list(_HELD):
+        release_run_dir(fd)
+
+
+def release_run_dir(fd: int | None) -> None:
+    """Give the lock back (a Hydra multirun trains several runs in one process). A clean exit leaves a lock that
+    names nobody; a killed holder leaves its name for the next run's message."""
+    if fd in _HELD:
+        _HELD.discard(fd)
+        os.ftruncate(fd, 0)
+        os.close(fd)
 
 
 def model_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -23,6 +23,7 @@ from megatrain.engine.run_dir import (
     check_same_model,
     check_save_failure,
     lock_run_dir,
+    release_run_dir,
     reset_metrics,
     resume_point,
     run_dir_of,
@@ -107,8 +108,8 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
             log.info("run.dir=%s is finished: %s is at step %d of train.steps=%d; nothing to train (raise "
                      "train.steps to continue it)", run_dir, start.path, start.step, cfg.train.steps)
         return 0
+    lock = lock_run_dir(run_dir) if env.rank == 0 else None
     if env.rank == 0:  # every check has passed: only now does the run write into run.dir
-        lock_run_dir(run_dir)  # held until this process exits
         reset_metrics(run_dir, start.step)
         write_config(run_dir, raw)
 
@@ -230,6 +231,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         profiler.stop()
     metrics.close()
     dist.barrier()
+    release_run_dir(lock)
     return exit_code
 
 
