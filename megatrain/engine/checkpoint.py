@@ -255,8 +255,8 @@ def verify(path: Path) -> str | None:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         return f"{META} is unreadable ({err})"
     files = meta.get("files") if isinstance(meta, dict) else None
-    if not isinstance(files, dict) or not isinstance(meta.get("step"), int):
-        return f"{META} is not a checkpoint record (an object with 'step' and 'files')"
+    if not isinstance(files, dict):
+        return f"{META} is not a checkpoint record (an object with 'files')"
     for name, size in files.items():
         f = path / name
         if not f.exists():

@@ -142,7 +142,11 @@ def resume_point(cfg: Config, run_dir: Path, rank: int) -> ResumePoint:
                               f"checkpoints/step_NNNNNNNN directory, train.resume=auto or train.resume=none")
     if path is None:
         return ResumePoint(None)
-    return ResumePoint(path, int(json.loads((path / META).read_text())["step"]))
+    step = json.loads((path / META).read_text()).get("step")
+    if not isinstance(step, int):
+        raise ConfigError(f"{path / META} records no step (an integer 'step'); resume from another checkpoint "
+                          "with train.resume=<path>")
+    return ResumePoint(path, step)
 
 
 def reset_metrics(run_dir: Path, step: int) -> None:
