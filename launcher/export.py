@@ -23,8 +23,12 @@ def _export(cfg: DictConfig) -> None:
         if checkpoint is None:
             raise ConfigError(f"run.dir={c.run.dir} holds no complete checkpoint with a portable copy; "
                               "give export.checkpoint=<path>")
+    output = Path(c.export.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not c.export.overwrite:
+        raise ConfigError(f"export.output={output} exists and is not empty: refusing to overwrite its files; "
+                          "choose a new directory or pass export.overwrite=true")
     try:
-        arch = export_checkpoint(checkpoint, Path(c.export.output), c.export.dtype)
+        arch = export_checkpoint(checkpoint, output, c.export.dtype)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(str(err)) from err
     print(f"exported {checkpoint} as {arch} to {c.export.output}", flush=True)

@@ -4,13 +4,16 @@ fit.approach=1|2|3|all fit.output=<dir> fit.budget=<FLOPs> : Chinchilla scaling-
 from __future__ import annotations
 
 from launcher.common import fail, hydra_main
-from megatrain.config import to_config
+from megatrain.config import ConfigError, to_config
 from megatrain.scaling.report import run
 
 
 def task(cfg) -> None:
+    config = to_config(cfg)  # a bad key: ConfigError, exit 2 (launcher.common)
     try:
-        run(to_config(cfg))
+        run(config)
+    except ConfigError:
+        raise
     except ValueError as e:  # bad inputs: a clear message, not a traceback
         fail(f"fit_scaling: {e}")
 

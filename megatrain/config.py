@@ -25,6 +25,21 @@ def check_choice(key: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
 
 
+def as_list(key: str, value: Any, kind: type) -> list:
+    """One value or a list of them as a list: Hydra reads `key=a` as a scalar and `key=[a,b]` as a list.
+
+    Keys typed Any for this reason are normalised here, in their dataclass, so no caller sees a scalar.
+    """
+    items = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        ok = isinstance(item, (int, float)) and not isinstance(item, bool) if kind is float else isinstance(item, kind)
+        if not ok:
+            what = "a number" if kind is float else "a string"
+            raise ConfigError(f"{key}={value!r}: each entry must be {what}; give one value or a list, "
+                              f"e.g. {key}=x or {key}=[x,y]")
+    return [float(i) for i in items] if kind is float else items
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny"
@@ -74,6 +89,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # Blocks per pipeline stage, e.g. [5, 6, 5]; None balances training FLOPs (parallel/stages.py).
     pp_split: Optional[List[int]] = None
+    # ZeRO gradient reduce bucket in elements; None: DeepSpeed's 5e8 (2 GB per rank in fp32 at ZeRO-3).
+    reduce_bucket_size: Optional[int] = None
 
 
 @dataclass
@@ -83,10 +100,15 @@ class TrainConfig:
     global_batch_size: Optional[int] = None  # None: micro_batch_size x DP (no accumulation)
     seq_len: int = 256
     precision: str = "bf16"  # bf16 | fp32 | auto (bf16 on CUDA and on CPUs with native bf16, else fp32)
+    # Under bf16: the dtype gradients are accumulated over micro-batches and reduced over DP in.
+    # fp32 (Megatron's and torchtitan's default) or bf16 (half the gradient memory and DP traffic, lossy).
+    grad_reduce_dtype: str = "fp32"  # fp32 | bf16
     seed: int = 1234
     activation_checkpointing: str = "none"  # none | full | selective
     grad_clip: float = 1.0
     log_interval: int = 1
+    # Steps between polls of the preemption flag (a host-side all-reduce over gloo; it never waits for a GPU)
+    signal_check_interval: int = 1
     eval_interval: int = 50  # 0: no eval
     eval_steps: int = 10
     save_interval: int = 0  # 0: save only at the end
@@ -94,11 +116,22 @@ class TrainConfig:
     portable_every: int = 1  # write the portable copy every k-th periodic save (always at the end)
     resume: str = "auto"  # auto | none | <checkpoint path>
     init_from: Optional[str] = None  # a Hugging Face directory (Llama / GPT-2) to start from; resume wins
+    # optim.schedule=wsd: token counts of cooldown branches. The run saves a stable-phase checkpoint
+    # under <run.dir>/cooldowns where each branch forks (docs/scaling.md); the sweep runs the branches.
+    cooldowns: Any = field(default_factory=list)
+    # A cooldown branch: the checkpoint it forks from (its own checkpoints win, as train.resume=auto)
+    fork_from: Optional[str] = None
     compile: bool = False
     profile: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    # Before the engine is built: the planner's peak per rank against the memory free per rank.
+    # refuse: exit 2 naming the shortfall and layouts that fit | warn: log it and go on | off
+    memory_check: str = "refuse"
     sample_tokens: int = 0  # >0: print a sample of this many tokens at the end
     sample_prompt: str = "The"
+
+    def __post_init__(self) -> None:
+        self.cooldowns = as_list("train.cooldowns", self.cooldowns, float)
 
 
 @dataclass
@@ -110,10 +143,16 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     warmup_steps: int = 10
-    schedule: str = "cosine"  # cosine | linear | constant
+    schedule: str = "cosine"  # cosine | linear | constant | wsd (warmup, stable at lr, linear decay to min_lr)
+    decay_fraction: float = 0.2  # wsd: the last fraction of the steps decays (cooldown branches fork before it)
     # When a run resumes with another train.steps: keep the saved schedule (and hold its final lr past
     # its end) or stretch it over the new length (the lr then jumps)
     resume_schedule: str = "keep"  # keep | stretch
+
+    def stable_steps(self, total_steps: int) -> int:
+        """wsd: steps before the decay of a `total_steps` run; any longer run is identical up to here,
+        so a cooldown branch of `total_steps` forks from the stable run's checkpoint at this step."""
+        return total_steps - round(self.decay_fraction * total_steps)
 
 
 @dataclass
@@ -125,6 +164,9 @@ class DataConfig:
     valid_fraction: float = 0.01
     valid_path: Optional[str] = None  # a separate prepared set for eval; then nothing is carved
     document_mask: bool = False  # no attention across documents packed in one window
+    # Shards hashed again at every start although unchanged since a passed check (size + mtime), so a shard
+    # altered with its mtime restored is caught within about 1/verify_fraction starts; 1: all, 0: none.
+    verify_fraction: float = 0.02
 
 
 @dataclass
@@ -160,6 +202,13 @@ class LoggingConfig:
 
 
 @dataclass
+class ObserveConfig:
+    # Peak FLOP/s per device for MFU; None: the datasheet table (megatrain/hardware.py) for a known GPU,
+    # and no MFU on a CPU or an unknown device
+    peak_tflops: Optional[float] = None
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/default"
     name: Optional[str] = None
@@ -182,21 +231,32 @@ class PlanConfig:
 
 @dataclass
 class FitConfig:
-    input: List[str] = field(default_factory=list)
-    approach: str = "all"  # 1 | 2 | 3 | all
+    # Run/sweep directories, CSV files, globs or wandb:<entity/project>: one, or a list ([a,b]), hence Any.
+    input: Any = field(default_factory=list)
+    # 1 | 2 | 3 | all (loss laws) | hparams (learning-rate and batch laws) | data (data-constrained law, R_D*)
+    approach: str = "all"
     output: str = "scaling"
     budget: Optional[float] = None
     params: str = "non_embedding"  # non_embedding | total: the N of every fit and of C = 6ND
+    # 6nd: C = 6 N D; measured: C = each run's training FLOPs (attention and lm head included, flops.py)
+    compute: str = "6nd"
     bootstrap: int = 100  # resamples for the confidence intervals; 0: none
     loss: str = "eval"  # eval | train: which final loss of a run is fitted
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.input = as_list("fit.input", self.input, str)
+        check_choice("fit.approach", str(self.approach), ("1", "2", "3", "all", "hparams", "data"))
+        check_choice("fit.params", self.params, ("non_embedding", "total"))
+        check_choice("fit.compute", self.compute, ("6nd", "measured"))
+        check_choice("fit.loss", self.loss, ("eval", "train"))
 
 
 @dataclass
 class SweepConfig:
     """An IsoFLOP sweep: for every budget, model sizes in [min_params, max_params] (see docs/scaling.md)."""
 
-    budgets: List[float] = field(default_factory=list)  # compute budgets C = 6ND in FLOPs
+    budgets: Any = field(default_factory=list)  # compute budgets C = 6ND in FLOPs: one, or a list
     min_params: float = 1e5
     max_params: float = 1e7
     sizes: int = 5  # model shapes, log-spaced between min_params and max_params
@@ -207,6 +267,37 @@ class SweepConfig:
     dir: str = "runs/sweep"  # point configs, runs/<point>, fit/ and command.sh go here
     launch: bool = False  # run the multirun now instead of only writing its command
     budget: Optional[float] = None  # set on each run of a sweep: the budget it belongs to
+    # Learning-rate and batch laws (docs/scaling.md): [coefficient, exponent] of eta = a C^b and of
+    # B = c C^d (B in tokens per step); [] = optim.lr and the global batch. No published law is a default.
+    lr_law: Any = field(default_factory=list)
+    batch_law: Any = field(default_factory=list)
+    # Each point is run at every lr factor x batch factor of its centre (a grid per budget for the laws).
+    lr_factors: Any = field(default_factory=lambda: [1.0])
+    batch_factors: Any = field(default_factory=lambda: [1.0])
+    tokens_per_param: Optional[float] = None  # set: one shape per budget, the one closest to this D/N
+    # One stable run per shape (largest budget), the other budgets as cooldown branches of it (optim.schedule=wsd)
+    wsd: bool = False
+    # > 0 (with launch=true): after the sweep, fit it, train the predicted optimum at verify x the largest
+    # budget and report predicted against measured loss (<dir>/verify.json); 4-10 tests an extrapolation
+    verify: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.budgets = as_list("sweep.budgets", self.budgets, float)
+        for key in ("lr_law", "batch_law"):
+            law = as_list(f"sweep.{key}", getattr(self, key), float)
+            if law and (len(law) != 2 or law[0] <= 0):
+                raise ConfigError(f"sweep.{key}={law}: give [coefficient, exponent] with coefficient > 0, "
+                                  f"e.g. sweep.{key}=[0.3,-0.125], or [] for none")
+            setattr(self, key, law)
+        for key in ("lr_factors", "batch_factors"):
+            factors = as_list(f"sweep.{key}", getattr(self, key), float)
+            if not factors or min(factors) <= 0:
+                raise ConfigError(f"sweep.{key}={factors}: give one or more positive factors, e.g. [0.5,1,2]")
+            setattr(self, key, factors)
+        if self.verify < 0:
+            raise ConfigError(f"sweep.verify={self.verify}: a multiple of the largest budget (e.g. 4), or 0 for none")
+        if self.tokens_per_param is not None and self.tokens_per_param <= 0:
+            raise ConfigError(f"sweep.tokens_per_param={self.tokens_per_param} must be positive (or null)")
 
 
 @dataclass
@@ -214,6 +305,7 @@ class ExportConfig:
     output: str = "export"
     checkpoint: Optional[str] = None  # None: the latest checkpoint of run.dir
     dtype: str = "float32"  # float32 | bfloat16 | float16: the weights' dtype in the exported files
+    overwrite: bool = False  # write into a non-empty export.output (its files of the same names are replaced)
 
 
 @dataclass
@@ -226,11 +318,17 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    observe: ObserveConfig = field(default_factory=ObserveConfig)
     run: RunConfig = field(default_factory=RunConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def grad_reduce_dtype(cfg: Config) -> str:
+    """fp32 | bf16: what gradients are accumulated and reduced in (always fp32 when training in fp32)."""
+    return cfg.train.grad_reduce_dtype if cfg.train.precision == "bf16" else "fp32"
 
 
 def register_configs() -> None:
@@ -333,6 +431,27 @@ def validate_plan(plan: PlanConfig) -> None:
         raise ConfigError(f"plan.mfu={plan.mfu} must be in (0, 1]")
 
 
+def _validate_cooldowns(cfg: Config) -> None:
+    optim, train = cfg.optim, cfg.train
+    if not 0.0 < optim.decay_fraction < 1.0:
+        raise ConfigError(f"optim.decay_fraction={optim.decay_fraction} must be in (0, 1)")
+    if (train.cooldowns or train.fork_from) and optim.schedule != "wsd":
+        raise ConfigError(f"train.cooldowns / train.fork_from need optim.schedule=wsd (got {optim.schedule}): only "
+                          "a warmup-stable-decay run is identical to a shorter one up to its decay")
+    if train.fork_from and optim.resume_schedule != "stretch":
+        raise ConfigError("train.fork_from: a branch decays over its own train.steps; "
+                          "set optim.resume_schedule=stretch")
+    if train.cooldowns and not train.global_batch_size:
+        raise ConfigError("train.cooldowns: set train.global_batch_size, the tokens per step that turn each "
+                          "token count into a fork step")
+    for tokens in train.cooldowns:
+        steps = round(tokens / (train.global_batch_size * train.seq_len))
+        if not 1 <= optim.stable_steps(steps) <= optim.stable_steps(train.steps):
+            raise ConfigError(f"train.cooldowns entry {tokens:g} tokens = {steps} steps: its decay must start within "
+                              f"the stable phase of this run (steps 1-{optim.stable_steps(train.steps)}), i.e. the "
+                              "branch may not be longer than the run")
+
+
 def validate(cfg: Config, world_size: int) -> Layout:
     """Check every relation between keys for a world of `world_size` ranks; derive the layout.
 
@@ -348,11 +467,21 @@ def validate(cfg: Config, world_size: int) -> Layout:
             raise ConfigError(f"parallel.{key}={getattr(par, key)}: {feature} is not available in this version; "
                               f"use parallel.{key}=1")
     validate_model(model, par.tp)
+    if par.reduce_bucket_size is not None and par.reduce_bucket_size < 1:
+        raise ConfigError(f"parallel.reduce_bucket_size={par.reduce_bucket_size} must be a positive element count "
+                          "(or null: DeepSpeed's 5e8)")
     check_choice("parallel.zero_stage", par.zero_stage, (0, 1, 2, 3))
     check_choice("train.precision", train.precision, ("bf16", "fp32", "auto"))
+    check_choice("train.grad_reduce_dtype", train.grad_reduce_dtype, ("fp32", "bf16"))
+    if train.precision == "bf16" and train.grad_reduce_dtype == "fp32" and par.zero_stage == 0:
+        raise ConfigError("parallel.zero_stage=0 with train.precision=bf16 and train.grad_reduce_dtype=fp32: DeepSpeed "
+                          "0.19 accumulates gradients in fp32 only with ZeRO; use parallel.zero_stage=1 (fp32 "
+                          "master weights and gradients) or train.grad_reduce_dtype=bf16")
     check_choice("train.activation_checkpointing", train.activation_checkpointing, ("none", "full", "selective"))
     check_choice("train.device", train.device, ("auto", "cpu", "cuda"))
-    check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
+    check_choice("train.memory_check", train.memory_check, ("refuse", "warn", "off"))
+    check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant", "wsd"))
+    _validate_cooldowns(cfg)
     check_choice("optim.resume_schedule", cfg.optim.resume_schedule, ("keep", "stretch"))
     check_choice("logging.wandb_mode", cfg.logging.wandb_mode, ("online", "offline", "disabled"))
     model_parallel = par.tp * par.pp * par.cp
@@ -379,7 +508,7 @@ def validate(cfg: Config, world_size: int) -> Layout:
                           "with sequence parallelism")
     if train.seq_len > model.max_seq_len:
         raise ConfigError(f"train.seq_len={train.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
-    for key in ("steps", "micro_batch_size", "seq_len", "log_interval", "portable_every"):
+    for key in ("steps", "micro_batch_size", "seq_len", "log_interval", "portable_every", "signal_check_interval"):
         if getattr(train, key) <= 0:
             raise ConfigError(f"train.{key}={getattr(train, key)} must be positive")
     for key in ("eval_interval", "save_interval"):
@@ -392,6 +521,8 @@ def validate(cfg: Config, world_size: int) -> Layout:
         raise ConfigError(f"train.global_batch_size={train.global_batch_size} must be positive, or null "
                           "(micro_batch_size x DP)")
     validate_optim(cfg.optim)
+    if cfg.observe.peak_tflops is not None and cfg.observe.peak_tflops <= 0:
+        raise ConfigError(f"observe.peak_tflops={cfg.observe.peak_tflops} must be positive (TFLOP/s per device)")
     dp = world_size // model_parallel
     if dp % par.ep:
         raise ConfigError(f"parallel.ep={par.ep} must divide the data-parallel size {dp} (world {world_size} / "

@@ -5,8 +5,11 @@ counts come from `megatrain.scaling.flops` (the single source); the memory model
 megatrain's model and DeepSpeed 0.19 actually allocate (measured on CPU, see docs/plan.md):
 
 model states per rank, P = parameters on this TP/PP rank, d = DP size
-    bf16: weights 2P (ZeRO-3: /d), grads 2P (ZeRO-0: full; ZeRO-1/2/3 keep only the averaged
-          partition, /d), fp32 master 4P/d and Adam m, v 8P/d (ZeRO-0: 4P and 8P).
+    bf16: weights 2P (ZeRO-3: /d), fp32 master 4P/d and Adam m, v 8P/d (ZeRO-0: 4P and 8P);
+          grads (train.grad_reduce_dtype=fp32, the default) 4P/d at ZeRO-2/3, and at ZeRO-1 the bf16
+          grads plus DeepSpeed's BF16_Optimizer's full fp32 copy, 6P; with bf16 reduction 2P (ZeRO-0:
+          full; ZeRO-1/2/3 keep only the averaged partition, /d).
+          ZeRO-1 with gradient accumulation keeps every full .grad between micro-batches (width x P).
     fp32: weights 4P (ZeRO-3: /d), grads 4P (/d as above), DeepSpeed's ZeRO optimizers keep
           a separate fp32 master copy 4P/d; Adam m, v 8P/d. ZeRO-0 is plain AdamW: 4+4+8.
 activations: what autograd saves per token per layer in megatrain's blocks (fp32 norms,
@@ -24,6 +27,7 @@ from megatrain.config import (
     ConfigError,
     Layout,
     ModelConfig,
+    grad_reduce_dtype,
     padded_vocab_size,
     to_config,
     validate,
@@ -36,13 +40,16 @@ from megatrain.scaling.flops import ParamCounts, param_counts, training_flops_pe
 
 GB = 1e9
 # DeepSpeed's defaults, which megatrain's DeepSpeed config leaves unchanged.
-REDUCE_BUCKET = 500_000_000  # zero_optimization.reduce_bucket_size (elements)
+REDUCE_BUCKET = 500_000_000  # zero_optimization.reduce_bucket_size (elements), unless parallel.reduce_bucket_size
 CHECKPOINTING = ("none", "selective", "full")
+# A CPU rank's overhead (plan.overhead_gb on a CPU: no CUDA context): a DeepSpeed engine of a 1-block,
+# 16-wide model grows the peak RSS by 72 MiB per rank here (engine build 48, first forward/backward 22).
+CPU_OVERHEAD_GB = 0.075
 
 
 @dataclass(frozen=True)
 class Memory:
-    """Bytes per GPU (the most loaded rank: first pipeline stage)."""
+    """Bytes per GPU of one pipeline stage."""
 
     weights: float
     gradients: float
@@ -69,7 +76,8 @@ class Plan:
     stage_params: tuple[int, ...]  # parameters per TP rank of each stage, before ZeRO partitioning
     params_per_rank: int  # of the largest stage
     flops_per_token: float  # model FLOPs (6N + attention), recomputation not counted
-    memory: Memory
+    memory: Memory  # of the most loaded rank: the first or the last pipeline stage
+    first_last_memory: tuple[Memory, Memory]  # first and last pipeline stage (the same one without PP)
     gpu_memory: float  # bytes
     step_time_s: float
     tokens_per_s: float
@@ -122,13 +130,21 @@ def stage_params(cfg: Config) -> list[int]:
 # ---------------------------------------------------------------- memory
 
 
-def _model_states(params: int, dp: int, zero: int, precision: str) -> tuple[float, float, float]:
+def _model_states(params: int, dp: int, zero: int, precision: str, grad_dtype: str, grad_accum: int = 1
+                  ) -> tuple[float, float, float]:
     """(weights, gradients, optimizer) bytes for `params` parameters on one rank."""
     width = 2 if precision == "bf16" else 4
     if zero == 0:  # bf16: DeepSpeed's FP16_Optimizer, fp32 master + Adam; fp32: plain AdamW
         return width * params, width * params, (12 if precision == "bf16" else 8) * params
     weights = width * params / (dp if zero == 3 else 1)
-    return weights, width * params / dp, 12 * params / dp
+    if precision == "bf16" and grad_dtype == "fp32" and zero == 1:
+        # DeepSpeed's BF16_Optimizer: the bf16 gradients and an fp32 copy of all of them, not partitioned
+        return weights, 6 * params, 12 * params / dp
+    if zero == 1 and grad_accum > 1:
+        # ZeRO-1 reduces only at the accumulation boundary: between micro-batches every parameter keeps its
+        # full .grad (measured; ZeRO-2 reduces each micro-batch into its partition).
+        return weights, width * params, 12 * params / dp
+    return weights, (4 if grad_dtype == "fp32" else width) * params / dp, 12 * params / dp
 
 
 def layer_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str, checkpointing: str) -> float:
@@ -152,20 +168,20 @@ def layer_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str
     return attn + mlp + dropout
 
 
-def activation_bytes(cfg: Config, micro_batch: int, grad_accum: int, checkpointing: str) -> float:
-    """Peak activation bytes on the first pipeline stage (it holds the most micro batches in flight)."""
+def activation_bytes(cfg: Config, micro_batch: int, grad_accum: int, checkpointing: str, stage: int = 0) -> float:
+    """Peak activation bytes on pipeline stage `stage` (1F1B: stage i holds min(pp - i, accum) micro batches)."""
     model, par, train = cfg.model, cfg.parallel, cfg.train
     tp, sp, a = par.tp, par.sequence_parallel, (2 if train.precision == "bf16" else 4)
     tokens = micro_batch * train.seq_len
     layer = layer_activation_bytes(model, tp, sp, train.precision, checkpointing)
-    layers = blocks_per_stage(cfg)[0]
-    in_flight = min(par.pp, grad_accum)  # 1F1B: stage 0 holds pp micro batches
+    layers = blocks_per_stage(cfg)[stage]
+    in_flight = min(par.pp - stage, grad_accum)
     if checkpointing == "full":
         # Each block keeps its input; backward recomputes one block at a time.
         kept = layers * in_flight * a * (model.d_model / tp if sp else model.d_model) + layer
     else:
         kept = layers * in_flight * layer
-    head = sum(head_activation_bytes(model, tp, sp, train.precision)) if par.pp == 1 else 0.0  # else on the last stage
+    head = sum(head_activation_bytes(model, tp, sp, train.precision)) if stage == par.pp - 1 else 0.0
     return tokens * (kept + head)
 
 
@@ -180,14 +196,14 @@ def head_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str)
 
 def comm_buffer_bytes(cfg: Config, params: int, block_params: int, zero: int) -> float:
     """Gradient buckets (ZeRO-1/2/3) and ZeRO-3's gathered parameters."""
-    width = 2 if cfg.train.precision == "bf16" else 4
+    width = 4 if grad_reduce_dtype(cfg) == "fp32" else 2
     if zero == 0:
         return 0.0
     # Gradients sit in reduce buckets (up to reduce_bucket_size elements) until they are reduced;
     # sized here by the gradients that fill them (DeepSpeed allocates the whole bucket at ZeRO-3).
-    bucket = min(params, REDUCE_BUCKET) * width
-    if zero == 3:
-        bucket += 2 * block_params * width  # the block being computed and the one prefetched
+    bucket = min(params, cfg.parallel.reduce_bucket_size or REDUCE_BUCKET) * width
+    if zero == 3:  # the block being computed and the one prefetched, in the training precision
+        bucket += 2 * block_params * (2 if cfg.train.precision == "bf16" else 4)
     return bucket
 
 
@@ -263,19 +279,26 @@ def plan(cfg: Config, world_size: int | None = None) -> Plan:
     layout = validate(cfg, world)
     per_stage = stage_params(cfg)
     params = max(per_stage)
-    weights, grads, optim = _model_states(params, layout.dp, layout.zero_stage, train.precision)
     block = _block_params_per_rank(cfg.model, layout.tp)
-    memory = Memory(weights=weights, gradients=grads, optimizer=optim,
-                    activations=activation_bytes(cfg, layout.micro_batch_size, layout.grad_accum,
-                                                 train.activation_checkpointing),
-                    comm_buffers=comm_buffer_bytes(cfg, params, block, layout.zero_stage),
-                    overhead=cfg.plan.overhead_gb * GB)
+
+    def stage_memory(stage: int) -> Memory:
+        weights, grads, optim = _model_states(per_stage[stage], layout.dp, layout.zero_stage, train.precision,
+                                              grad_reduce_dtype(cfg), layout.grad_accum)
+        return Memory(weights=weights, gradients=grads, optimizer=optim,
+                      activations=activation_bytes(cfg, layout.micro_batch_size, layout.grad_accum,
+                                                   train.activation_checkpointing, stage),
+                      comm_buffers=comm_buffer_bytes(cfg, per_stage[stage], block, layout.zero_stage),
+                      overhead=cfg.plan.overhead_gb * GB)
+
+    # The first stage holds the embedding and the most micro batches, the last the head and the loss.
+    stages = (stage_memory(0), stage_memory(layout.pp - 1))
+    memory = max(stages, key=lambda m: m.total)
     step = _step_time(cfg, layout, train.activation_checkpointing, params)
     tokens_per_step = layout.global_batch_size * train.seq_len
     flops = training_flops_per_token(cfg.model, train.seq_len)
     return Plan(layout=layout, checkpointing=train.activation_checkpointing, params=param_counts(cfg.model),
                 stage_blocks=tuple(blocks_per_stage(cfg)), stage_params=tuple(per_stage), params_per_rank=params,
-                flops_per_token=flops, memory=memory, gpu_memory=cfg.plan.gpu_memory_gb * GB,
+                flops_per_token=flops, memory=memory, first_last_memory=stages, gpu_memory=cfg.plan.gpu_memory_gb * GB,
                 step_time_s=step, tokens_per_s=tokens_per_step / step,
                 mfu=tokens_per_step * flops / (step * world * _peak(cfg)))
 
@@ -343,7 +366,9 @@ def describe(p: Plan, cfg: Config) -> str:
         f"seq {train.seq_len}, global batch {p.layout.global_batch_size}",
         f"blocks per pipeline stage: {blocks}; parameters per TP rank of each stage: {per_stage}",
         f"training FLOPs per token: {p.flops_per_token:.4g}",
-        "memory per GPU (first pipeline stage):",
+        "memory per GPU" + ("" if p.layout.pp == 1 else
+                            f" (the most loaded stage: first {p.first_last_memory[0].total / GB:.2f} GB, "
+                            f"last {p.first_last_memory[1].total / GB:.2f} GB)") + ":",
         f"  weights          {_gb(mem.weights)}",
         f"  gradients        {_gb(mem.gradients)}",
         f"  optimizer states {_gb(mem.optimizer)}",

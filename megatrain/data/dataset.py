@@ -64,6 +64,9 @@ def check_data(data: DataConfig, tokenizer: TokenizerConfig, *, seq_len: int, mo
     mismatch found by that rank stops the whole job.
     """
     fraction = _valid_fraction(data)
+    if not 0.0 <= data.verify_fraction <= 1.0:
+        raise DataError(f"data.verify_fraction={data.verify_fraction} must be in [0, 1] (the share of unchanged "
+                        "shards hashed again at each start)")
     if evaluate and not fraction and not data.valid_path:
         raise DataError("train.eval_interval > 0 needs validation data: set data.valid_fraction > 0 or "
                         "data.valid_path, or train.eval_interval=0 to train without eval")
@@ -77,7 +80,7 @@ def check_data(data: DataConfig, tokenizer: TokenizerConfig, *, seq_len: int, mo
                             f"{first} with {want['sha256'][:12]}: every dataset of a run needs the same "
                             "tokenizer")
         check_tokenizer_file(Path(d), manifest)
-        verify_checksums(Path(d), manifest, hash_shards)
+        verify_checksums(Path(d), manifest, hash_shards, data.verify_fraction)
     if tokenizer.path:
         tok = load_tokenizer(tokenizer.path)
         special_ids(tok, tokenizer, tokenizer.path)
@@ -150,12 +153,13 @@ class TokenLoader:
 
     def __init__(self, streams: list[Stream], weights: list[float], *, seq_len: int, micro_batch_size: int,
                  dp_rank: int, dp_size: int, seed: int, shuffle: bool, eod_id: int, document_mask: bool,
-                 names: list[str]):
+                 names: list[str], vocab_sizes: list[int] | None = None):
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
         self.streams, self.weights = streams, np.asarray(weights, dtype=np.float64)
         self.seq_len, self.mbs, self.dp_rank, self.dp_size = seq_len, micro_batch_size, dp_rank, dp_size
         self.seed, self.shuffle, self.eod_id, self.document_mask = seed, shuffle, eod_id, document_mask
+        self.names, self.vocab_sizes = names, vocab_sizes
         per_call = micro_batch_size * dp_size
         self.windows = [s.windows(seq_len) for s in streams]
         self.epoch_len = [w - w % per_call for w in self.windows]
@@ -171,6 +175,16 @@ class TokenLoader:
     def epoch(self) -> int:
         """Epochs completed by the first (or only) dataset."""
         return self.counts[0] // self.epoch_len[0]
+
+    def seen(self) -> tuple[int, float]:
+        """(unique tokens seen, epochs) over all DP ranks, for data-constrained scaling fits.
+
+        Unique: tokens of distinct windows, min(samples, windows) per dataset, exact within the first
+        epoch (later epochs may add a few of the < dp x micro-batch windows the first left out).
+        Epochs: samples / windows of the most repeated dataset.
+        """
+        unique = sum(min(c, w) for c, w in zip(self.counts, self.windows)) * self.seq_len
+        return unique, max(c / w for c, w in zip(self.counts, self.windows))
 
     def _assign(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(dataset, sample index within it) of the next n global samples; advances the counters."""
@@ -204,6 +218,8 @@ class TokenLoader:
             rows = np.flatnonzero(datasets == d)
             for row, w in zip(rows, self._windows(int(d), indices[rows])):
                 self.streams[d].read(int(w) * self.seq_len, self._buf[row])
+            if self.vocab_sizes is not None:
+                self._check_ids(int(d), rows)
         tokens = torch.from_numpy(self._buf)
         batch = {"input_ids": tokens[:, :-1].clone(), "labels": tokens[:, 1:].clone()}
         if self.document_mask:
@@ -212,6 +228,20 @@ class TokenLoader:
             is_eod = (batch["input_ids"] == self.eod_id).to(torch.int32)
             batch["doc_ids"] = torch.cumsum(is_eod, dim=1, dtype=torch.int32) - is_eod
         return batch
+
+    def _check_ids(self, d: int, rows: np.ndarray) -> None:
+        """A token id outside the tokenizer's vocabulary (a damaged or foreign shard) is named here, not an
+        IndexError deep in the embedding (or, on GPU, a device assert)."""
+        top = int(self._buf[rows].max())
+        if top >= self.vocab_sizes[d]:
+            raise DataError(f"{self.names[d]}: token id {top} in the batch ending at global sample {self.samples} "
+                            f"is outside the tokenizer's vocabulary (0..{self.vocab_sizes[d] - 1}): a shard is "
+                            "damaged or was not written by this dataset's tokenizer; run with "
+                            "data.verify_fraction=1 to find it, or re-run launcher.prepare")
+
+    def rewind(self) -> None:
+        """Back to the first sample: the validation loader, built once, reads the same batches at every eval."""
+        self.samples, self.counts = 0, [0] * len(self.counts)
 
     def state_dict(self) -> dict[str, int]:
         state = {"samples": self.samples, "seq_len": self.seq_len, "micro_batch_size": self.mbs,
@@ -246,8 +276,10 @@ def build_loader(data: DataConfig, *, split: str, seq_len: int, micro_batch_size
         raise DataError("no validation data: set data.valid_fraction > 0 or data.valid_path")
     else:
         part = split
-    streams = [open_split(d, read_manifest(d), part, fraction) for d, _ in blend]
-    eod = read_manifest(blend[0][0])["tokenizer"]["eod_id"]
+    manifests = [read_manifest(d) for d, _ in blend]
+    streams = [open_split(d, m, part, fraction) for (d, _), m in zip(blend, manifests)]
+    eod = manifests[0]["tokenizer"]["eod_id"]
     return TokenLoader(streams, [w for _, w in blend], seq_len=seq_len, micro_batch_size=micro_batch_size,
                        dp_rank=dp_rank, dp_size=dp_size, seed=seed, shuffle=split == "train", eod_id=eod,
-                       document_mask=data.document_mask, names=[f"{d} ({split})" for d, _ in blend])
+                       document_mask=data.document_mask, names=[f"{d} ({split})" for d, _ in blend],
+                       vocab_sizes=[int(m["tokenizer"]["vocab_size"]) for m in manifests])

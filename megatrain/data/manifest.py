@@ -1,7 +1,7 @@
 """The prepared-dataset format, shared by its writer (preprocess.py) and its readers (shards.py).
 
 A prepared directory holds Arrow IPC shards of token ids (one list column, one row per document) and
-`manifest.json`: format version, tokenizer entry, dtype, per-shard name / bytes / sha256 / documents /
+`manifest.json`: format marker and version, tokenizer entry, dtype, per-shard name / bytes / sha256 / documents /
 tokens, and what the input was.
 """
 
@@ -18,6 +18,7 @@ from megatrain.config import DataConfig, padded_vocab_size
 from megatrain.data.errors import DataError
 
 MANIFEST = "manifest.json"
+FORMAT = "megatrain-prepared-dataset"  # the marker that lets prepare replace a directory (nothing else)
 FORMAT_VERSION = 1
 COLUMN = "input_ids"
 
@@ -55,6 +56,19 @@ def with_umask_mode(path: str | Path) -> None:
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def is_prepared_dataset(directory: Path) -> bool:
+    """Whether `directory` is provably one launcher.prepare wrote: its manifest carries our marker and a version.
+
+    A `manifest.json` alone proves nothing (web apps and other tools write one too).
+    """
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(manifest, dict) and manifest.get("format") == FORMAT
+            and isinstance(manifest.get("format_version"), int))
 
 
 def read_manifest(directory: str | Path) -> dict:

@@ -6,12 +6,15 @@ last: an interrupted run never leaves a directory that looks prepared, and never
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,15 @@ from tokenizers import Tokenizer
 from megatrain.config import PrepareConfig, TokenizerConfig, check_choice
 from megatrain.data import tokenizer as tk
 from megatrain.data.errors import DataError
-from megatrain.data.manifest import COLUMN, FORMAT_VERSION, MANIFEST, sha256_file, write_json_atomic
+from megatrain.data.manifest import (
+    COLUMN,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    is_prepared_dataset,
+    sha256_file,
+    write_json_atomic,
+)
 from megatrain.data.sources import (
     DATASETS_FORMATS,
     NATIVE_FORMATS,
@@ -35,6 +46,12 @@ from megatrain.data.sources import (
 # Documents per tokenizer call: large enough to keep every core busy, small enough to bound memory.
 BATCH_CHARS = 4 << 20
 BATCH_DOCS = 4096
+# A longer document is tokenized in pieces of at most this many characters (the tokenizer needs ~180
+# bytes per character of one input: a 19 MB line took 3.4 GB), cut before a whitespace character that
+# precedes a non-whitespace one: byte-level BPE's pre-tokenizer never joins across such a cut, so the
+# tokens are the same as the whole document's.
+PIECE_CHARS = 1 << 20
+_CUT = re.compile(r"\s(?=\S)")
 
 
 class ShardWriter:
@@ -99,12 +116,47 @@ class ShardWriter:
         return self.shards
 
 
-def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
-    chars = 0
+def split_document(text: str, limit: int = PIECE_CHARS) -> tuple[list[str], bool]:
+    """`text` in pieces of at most `limit` characters, each cut at the last whitespace-before-text in the second
+    half of its window; False if some window had none and was cut hard (tokens there may differ)."""
+    pieces, start, at_whitespace = [], 0, True
+    while len(text) - start > limit:
+        cut = None
+        for match in _CUT.finditer(text, start + limit // 2, start + limit):
+            cut = match.start()
+        if cut is None:
+            cut, at_whitespace = start + limit, False
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces, at_whitespace
+
+
+@dataclass
+class SplitStats:
+    documents: int = 0  # documents longer than PIECE_CHARS, tokenized in pieces
+    inexact: int = 0  # ... of which some piece was cut hard, or the tokenizer is not byte-level BPE
+
+
+def _pieces(docs: Iterable[str], exact_tokenizer: bool, stats: SplitStats) -> Iterator[tuple[str, bool]]:
+    """(piece, last piece of its document) for every document."""
     for doc in docs:
-        batch.append(doc)
-        chars += len(doc)
+        if len(doc) <= PIECE_CHARS:
+            yield doc, True
+            continue
+        pieces, at_whitespace = split_document(doc)
+        stats.documents += 1
+        stats.inexact += not (at_whitespace and exact_tokenizer)
+        for i, piece in enumerate(pieces):
+            yield piece, i == len(pieces) - 1
+
+
+def _batches(pieces: Iterable[tuple[str, bool]]) -> Iterator[list[tuple[str, bool]]]:
+    batch: list[tuple[str, bool]] = []
+    chars = 0
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece[0])
         if chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
             yield batch
             batch, chars = [], 0
@@ -112,27 +164,52 @@ def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _encode_stream(tok: Tokenizer, docs: Iterable[str]) -> Iterator[list[list[int]]]:
-    """Token ids per batch; the Rust tokenizer (all cores, GIL released) encodes batch k while this
-    thread reads batch k+1 and the caller writes batch k-1."""
-    def encode(texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+def splits_exactly(tok: Tokenizer) -> bool:
+    """Whether cuts before whitespace leave this tokenizer's output unchanged: byte-level BPE's regex
+    pre-tokenizer without a normalizer (what launcher.prepare trains); other tokenizers may differ at a cut."""
+    config = json.loads(tok.to_str())
+    pre = config.get("pre_tokenizer") or {}
+    return config.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+
+
+def _encode_stream(tok: Tokenizer, docs: Iterable[str], stats: SplitStats) -> Iterator[list]:
+    """Token ids of the documents completed in each batch; the Rust tokenizer (all cores, GIL released)
+    encodes batch k while this thread reads batch k+1 and the caller writes batch k-1."""
+    def encode(batch: list[tuple[str, bool]]) -> list[tuple[list[int], bool]]:
+        encodings = tok.encode_batch_fast([text for text, _ in batch], add_special_tokens=False)
+        return [(e.ids, last) for e, (_, last) in zip(encodings, batch)]
+
+    open_doc: list[np.ndarray] = []  # the pieces of a long document so far, as compact arrays
+
+    def whole(encoded: list[tuple[list[int], bool]]) -> list:
+        done = []
+        for ids, last in encoded:
+            if last and not open_doc:
+                done.append(ids)
+                continue
+            open_doc.append(np.asarray(ids, dtype=np.uint32))
+            if last:
+                done.append(np.concatenate(open_doc))
+                open_doc.clear()
+        return done
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
-        for texts in _batches(docs):
-            future = pool.submit(encode, texts)
+        for batch in _batches(_pieces(docs, splits_exactly(tok), stats)):
+            future = pool.submit(encode, batch)
             if pending is not None:
-                yield pending.result()
+                yield whole(pending.result())
             pending = future
         if pending is not None:
-            yield pending.result()
+            yield whole(pending.result())
 
 
 def _check_output(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
-        raise DataError(f"prepare.output={out} exists and is not a prepared dataset (no {MANIFEST}); "
-                        "choose a new or empty directory: prepare never overwrites other files")
+    """Only a new or empty directory, or one launcher.prepare wrote, may be (re)placed: nothing else is touched."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_prepared_dataset(out))):
+        raise DataError(f"prepare.output={out} exists and is not a megatrain prepared dataset (no {MANIFEST} with "
+                        f"format={FORMAT!r} and a format_version); choose a new or empty directory: prepare "
+                        "never overwrites other files")
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -177,10 +254,10 @@ def prepare(spec: PrepareConfig, tokenizer_cfg: TokenizerConfig, progress: bool 
             tk.for_encoding(tok)
             dtype = np.dtype(np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.uint32)
             writer = ShardWriter(tmp, dtype, ids, spec.shard_tokens)
-            stats = ReadStats()
+            stats, split = ReadStats(), SplitStats()
             task = bar.add_task("tokenizing", total=total_bytes, info="")
             start, tokens = time.perf_counter(), 0
-            for batch in _encode_stream(tok, iter_documents(files, spec, stats)):
+            for batch in _encode_stream(tok, iter_documents(files, spec, stats), split):
                 writer.add(batch)
                 tokens += sum(map(len, batch)) + len(batch) * (1 + (ids.bos is not None))
                 rate = tokens / max(time.perf_counter() - start, 1e-9)
@@ -191,7 +268,7 @@ def prepare(spec: PrepareConfig, tokenizer_cfg: TokenizerConfig, progress: bool 
             raise DataError(f"prepare.input: no documents in {len(files)} file(s) ({stats.empty} empty, "
                             f"{len(stats.skipped)} skipped); nothing to prepare")
         manifest = {
-            "format_version": FORMAT_VERSION, "tokenizer": entry, "dtype": dtype.name,
+            "format": FORMAT, "format_version": FORMAT_VERSION, "tokenizer": entry, "dtype": dtype.name,
             "documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
             "shards": shards,
             "source": {"format": spec.format, "text_unit": spec.text_unit, "text_field": spec.text_field,
@@ -203,6 +280,12 @@ def prepare(spec: PrepareConfig, tokenizer_cfg: TokenizerConfig, progress: bool 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     elapsed = time.perf_counter() - start
+    if split.documents:
+        exactness = ("the tokens are those of the whole document" if not split.inexact else
+                     f"in {split.inexact} of them the tokens at a cut may differ from the whole document's (no "
+                     "whitespace near a cut, or a tokenizer other than byte-level BPE)")
+        print(f"note: {split.documents} document(s) longer than {PIECE_CHARS:,} characters were tokenized in pieces "
+              f"cut at whitespace, to bound memory; {exactness}", file=sys.stderr)
     if stats.skipped:
         print(f"skipped {len(stats.skipped)} bad record(s) (prepare.on_bad_file=skip), first: "
               f"{stats.skipped[0]}; all are listed in {out / MANIFEST}", file=sys.stderr)

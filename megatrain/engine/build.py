@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,8 +14,9 @@ import torch.distributed as dist
 
 from megatrain import hardware
 from megatrain.config import Config
+from megatrain.data.manifest import write_json_atomic
 from megatrain.engine.deepspeed_config import deepspeed_config
-from megatrain.engine.dist_env import DistEnv
+from megatrain.engine.dist_env import DistEnv, cuda_device_index
 from megatrain.engine.schedule import Schedule
 from megatrain.model.init import canonical_parameters, init_parameter
 from megatrain.model.transformer import Block, Transformer
@@ -28,10 +31,9 @@ ZERO_COLLECTIVE_WARNING = (r"`torch\.distributed\.(all_gather_into_tensor|reduce
 
 def pick_device(cfg: Config, env: DistEnv) -> torch.device:
     if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible")
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
+        index = cuda_device_index(env.local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -40,10 +42,29 @@ def resolve_precision(device: torch.device) -> str:
     return "bf16" if device.type == "cuda" or hardware.cpu_has_native_bf16() else "fp32"
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_freed_memory_on_cpu() -> bool:
+    """glibc: serve allocations of 1 MiB or more with mmap, so a freed tensor goes back to the OS at once.
+
+    glibc raises its mmap threshold (up to 32 MiB) whenever such a block is freed, so ZeRO-3's parameters,
+    gathered and freed at every forward, then stay in the heap and the RSS grows step after step (tiny
+    model, fp32 ZeRO-3, 2 ranks: 306 / 340 MiB after 2 / 4 steps by default, 260 / 264 MiB with this).
+    Returns whether it applied (False off glibc).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 20))
+
+
 def init_distributed(device: torch.device) -> None:
     """Start torch.distributed through DeepSpeed, without its CPU ops that training never uses."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        return_freed_memory_on_cpu()
     warnings.filterwarnings("ignore", message=ZERO_COLLECTIVE_WARNING, category=FutureWarning)
     import deepspeed
 
@@ -87,11 +108,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
-def build_engine(cfg: Config, mesh: Mesh, device: torch.device):
-    """The DeepSpeed engine around this rank's model (or pipeline stage) and optimizer."""
+def build_engine(cfg: Config, mesh: Mesh, device: torch.device, config_out: Path | None = None):
+    """The DeepSpeed engine around this rank's model (or pipeline stage) and optimizer.
+
+    `config_out`: where to write the exact DeepSpeed config (rank 0 passes run.dir/deepspeed.json).
+    """
     import deepspeed
 
     ds_config = deepspeed_config(cfg, mesh.layout)
+    if config_out is not None:  # before initialize, which may add keys of its own to the dict
+        write_json_atomic(config_out, ds_config)
     model = build_model(cfg, mesh, ds_config)
     if cfg.train.compile:
         # Blocks hold nearly all the FLOPs; the embedding and the head with its vocab-parallel loss stay eager.

@@ -1,10 +1,16 @@
 """Checkpoints that survive preemption and crashes.
 
-A save goes to `checkpoints/.partial-<tag>/`; when every rank has written, rank 0 records each
-file's size in `meta.json`, renames the directory to `<tag>` and rewrites the `latest` pointer
-atomically. A process killed mid-save leaves only a `.partial-*` directory behind, never a
-broken `latest`. Each rank also saves its own trainer state (step, tokens, data loader
-position, every RNG), so a resumed run continues bit for bit.
+A save goes to `checkpoints/.partial-<tag>/`; when every rank has written, the ranks hash the files
+(each its share), rank 0 records each file's size and xxh3-128 digest in `meta.json`, renames the
+directory to `<tag>` and rewrites the `latest` pointer atomically. A process killed mid-save leaves
+only a `.partial-*` directory behind, never a broken `latest`. Each rank also saves its own trainer
+state (step, tokens, every RNG) as JSON, and rank 0 the data loader position once
+(`trainer/data.json`): the position is global (counted in samples over all DP ranks) and a
+pipeline's middle stages never read data, so their loaders' own positions are stale. Every rank
+restores the one saved position, on any layout; a resumed run continues bit for bit. Nothing loaded
+runs code: the trainer state is JSON, the portable copy safetensors + JSON, and DeepSpeed's own
+files are read with torch.load(weights_only=True) and an allow-list of DeepSpeed's types
+(parallel/deepspeed_internals.py).
 
 Every checkpoint also holds a portable copy (`portable/`, see export/portable_format.py): a run whose layout
 (TP, PP, DP, ZeRO stage or precision) differs from the checkpoint's resumes from it instead of
@@ -14,6 +20,7 @@ holds a save open before it is published, so tests can kill or signal a process 
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -27,16 +34,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import xxhash
 
-from megatrain.config import Config, ConfigError
+from megatrain.config import Config, ConfigError, grad_reduce_dtype
 from megatrain.engine import portable
 from megatrain.export.portable_format import DIR as PORTABLE_DIR
 from megatrain.model.init import canonical_parameters
+from megatrain.parallel import deepspeed_internals
 from megatrain.parallel.mesh import Mesh
 
 log = logging.getLogger("megatrain")
 
 META = "meta.json"
+DIGEST = "xxh3_128"  # content digest of every file, recorded in meta.json at save, checked before a load
+DATA_STATE = "trainer/data.json"  # the global data position, written once
 
 
 def tag_for(step: int) -> str:
@@ -44,18 +55,32 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as plain JSON data (trainer state is never pickled: loading a pickle can run code)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "torch": _bytes_of(torch.get_rng_state())}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = _bytes_of(torch.cuda.get_rng_state())
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_tensor_of(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(_tensor_of(state["cuda"]))
+
+
+def _bytes_of(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _tensor_of(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -81,7 +106,8 @@ class RunContext:
 
     def layout_key(self) -> dict[str, Any]:
         layout = self.mesh.layout
-        return {**{k: getattr(layout, k) for k in LAYOUT_KEYS}, "precision": self.cfg.train.precision}
+        return {**{k: getattr(layout, k) for k in LAYOUT_KEYS}, "precision": self.cfg.train.precision,
+                "grad_reduce_dtype": grad_reduce_dtype(self.cfg)}
 
 
 def _saved_layout(meta: dict[str, Any]) -> dict[str, Any]:
@@ -90,13 +116,30 @@ def _saved_layout(meta: dict[str, Any]) -> dict[str, Any]:
     saved = {k: layout.get(k) for k in LAYOUT_KEYS}
     if saved["zero_stage"] is None:
         saved["zero_stage"] = meta.get("zero_stage")
-    return {**saved, "precision": meta.get("precision")}
+    # Before train.grad_reduce_dtype, DeepSpeed reduced in the training precision.
+    precision = meta.get("precision")
+    return {**saved, "precision": precision, "grad_reduce_dtype": meta.get("grad_reduce_dtype", precision)}
 
 
 class Checkpointer:
     def __init__(self, run_dir: Path, keep_last: int, rank: int, context: RunContext | None = None):
         self.root = run_dir / "checkpoints"
         self.keep_last, self.rank, self.context = keep_last, rank, context
+        self._verified: set[Path] = set()  # checked by find_latest: load does not read them again
+
+    def _verify(self, path: Path) -> str | None:
+        """verify(path) with the files shared out over the ranks when a process group is up (each file is
+        read by one rank, once); every rank gets the same verdict: the first problem in file order."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world == 1:
+            problem = verify(path)
+        else:
+            verdicts: list[Any] = [None] * world
+            dist.all_gather_object(verdicts, verify(path, self.rank, world))
+            problem = next((v for v in verdicts if v is not None), None)
+        if problem is None:
+            self._verified.add(path)
+        return problem
 
     def save(self, engine: Any, step: int, trainer_state: dict[str, Any], with_portable: bool = True) -> Path:
         """Collective: every rank calls it. Returns the published checkpoint directory.
@@ -116,14 +159,26 @@ class Checkpointer:
             if with_portable:
                 portable.save(engine, run.mesh, partial / PORTABLE_DIR, step=step, model=run.cfg.model,
                               tokenizer_path=run.tokenizer_path, eod_id=run.eod_id)
-            meta = {"layout": run.mesh.layout.record(), "precision": run.cfg.train.precision}
+            meta = {"layout": run.mesh.layout.record(), "precision": run.cfg.train.precision,
+                    "grad_reduce_dtype": grad_reduce_dtype(run.cfg)}
         (partial / "trainer").mkdir(parents=True, exist_ok=True)
-        torch.save({**trainer_state, "rng": rng_state()}, partial / "trainer" / f"rank_{self.rank:05d}.pt")
+        per_rank = {k: v for k, v in trainer_state.items() if k != "data"}
+        _write_atomic(partial / "trainer" / f"rank_{self.rank:05d}.json", json.dumps({**per_rank, "rng": rng_state()}))
+        if self.rank == 0:  # rank 0 is the first pipeline stage: its loader is the one that reads
+            _write_atomic(partial / DATA_STATE, json.dumps(trainer_state["data"], indent=1))
         time.sleep(float(os.environ.get("MEGATRAIN_TEST_SAVE_PAUSE", "0")))
         dist.barrier()
+        # rank 0 lists the files (one listing, not one per rank), each rank hashes its share of them
+        listing = [sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
+                   if self.rank == 0 else None]
+        dist.broadcast_object_list(listing, src=0)
+        names = listing[0]
+        shares: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, {n: file_record(partial / n) for n in names[self.rank::len(shares)]})
         if self.rank == 0:
-            files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
-            _write_atomic(partial / META, json.dumps({**meta, "step": step, "files": files}, indent=1))
+            files = {n: share[n] for share in shares for n in share}
+            _write_atomic(partial / META, json.dumps({**meta, "step": step, "digest": DIGEST, "files": dict(
+                sorted(files.items()))}, indent=1))
             if final.exists():  # a re-save of the same step (e.g. signal right after a periodic save)
                 shutil.rmtree(final)
             os.replace(partial, final)
@@ -152,7 +207,7 @@ class Checkpointer:
         for stale in sorted(self.root.glob(".partial-*")) if self.root.exists() else []:
             log.warning("ignoring %s: a save that never finished (the process was killed while writing it)", stale)
         for path in reversed(self.complete()):
-            problem = verify(path)
+            problem = self._verify(path)
             if problem is None and with_portable and not (path / PORTABLE_DIR).is_dir():
                 problem = "no portable copy (saved with train.portable_every > 1)"
             if problem is None:
@@ -165,16 +220,20 @@ class Checkpointer:
 
         The same layout loads DeepSpeed's files (bit for bit); another layout loads the portable copy.
         """
-        problem = verify(path)
+        problem = None if path in self._verified else self._verify(path)
         if problem is not None:
-            raise RuntimeError(f"checkpoint {path} cannot be loaded: {problem}")
+            raise ConfigError(f"checkpoint {path} cannot be loaded: {problem}")
         meta = json.loads((path / META).read_text())
         saved = _saved_layout(meta)
         now = self.context.layout_key() if self.context is not None else {}
         # keys a checkpoint lacks (written before they were recorded) count as unchanged
         if all(saved[k] is None or saved[k] == now[k] for k in now):
-            load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+            deepspeed_internals.load_checkpoints_weights_only(engine)
+            try:
+                load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+            except deepspeed_internals.UnsafeCheckpointFile as err:
+                raise ConfigError(f"checkpoint {path}: {err}") from err
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
         else:
@@ -186,10 +245,10 @@ class Checkpointer:
             log.warning("checkpoint %s was written with %s; this run is %s: loading its portable copy",
                         path, _fmt(saved), _fmt(now))
             portable.load(engine, self.context.mesh, path / PORTABLE_DIR)
-        own = path / "trainer" / f"rank_{self.rank:05d}.pt"
-        state = torch.load(own if own.exists() else path / "trainer" / "rank_00000.pt", weights_only=False)
-        if own.exists():
-            set_rng_state(state["rng"])
+        state = _trainer_state(path, self.rank)
+        if "rng" in state:  # this rank's own state (a run with more ranks than the checkpoint starts them fresh)
+            set_rng_state(state.pop("rng"))
+        state["data"] = json.loads((path / DATA_STATE).read_text())
         if self.context is not None:
             layout = self.context.mesh.layout
             before = meta.get("layout", {}).get("global_batch_size", layout.global_batch_size)
@@ -212,6 +271,21 @@ class Checkpointer:
         for name, p in canonical_parameters(engine.module):
             portable.set_parameter(p, portable.local_slice(weights[name], p, run.mesh))
         log.info("initialised the model from %s", source)
+
+
+def _trainer_state(path: Path, rank: int) -> dict[str, Any]:
+    """This rank's trainer state (rank 0's, without its RNGs, for a rank the checkpoint did not have)."""
+    trainer = path / "trainer"
+    if not (trainer / "rank_00000.json").exists() and (trainer / "rank_00000.pt").exists():
+        raise ConfigError(f"checkpoint {path} holds its trainer state as a pickle ({trainer / 'rank_00000.pt'}, "
+                          "written before megatrain saved it as JSON), which megatrain does not load because "
+                          "unpickling can run code; resume it with the megatrain that wrote it, or start anew "
+                          "from its weights (train.init_from=<an export of it>)")
+    own = trainer / f"rank_{rank:05d}.json"
+    state = json.loads((own if own.exists() else trainer / "rank_00000.json").read_text())
+    if not own.exists():
+        state.pop("rng")
+    return state
 
 
 def _fmt(layout: dict[str, Any]) -> str:
@@ -245,22 +319,41 @@ def adapt_loader_state(state: dict[str, Any], micro_batch_size: int, dp_size: in
     return {**state, "micro_batch_size": micro_batch_size, "dp_size": dp_size}
 
 
-def verify(path: Path) -> str | None:
-    """None if the checkpoint's files are all present with the sizes recorded at save time."""
+def file_record(path: Path) -> dict[str, Any]:
+    """What meta.json records of a checkpoint file: its size and content digest."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "digest": h.hexdigest()}
+
+
+def verify(path: Path, rank: int = 0, world: int = 1) -> str | None:
+    """None if the checkpoint's files (those of `rank`'s share of `world`: every `world`-th in name order) are
+    present with the sizes and digests recorded at save time; else the first problem, naming the file."""
     meta_file = path / META
     if not meta_file.exists():
         return f"no {META} (an interrupted save)"
     try:
         meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        files = meta["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
         return f"{META} is unreadable ({err})"
-    files = meta.get("files") if isinstance(meta, dict) else None
     if not isinstance(files, dict):
         return f"{META} is not a checkpoint record (an object with 'files')"
-    for name, size in files.items():
+    if not meta.get("digest"):
+        log.warning("checkpoint %s records no content digests (saved by an older megatrain): sizes checked only", path)
+    for name in sorted(files)[rank::world]:
+        record = files[name] if isinstance(files[name], dict) else {"bytes": files[name]}
         f = path / name
         if not f.exists():
-            return f"missing file {name}"
-        if f.stat().st_size != size:
-            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+            return f"missing file {f}"
+        size = f.stat().st_size
+        if size != record["bytes"]:
+            return f"{f} has {size} bytes, {record['bytes']} were written"
+        if "digest" in record:
+            digest = file_record(f)["digest"]
+            if digest != record["digest"]:
+                return (f"{f} is damaged: its {meta['digest']} digest is {digest[:16]}, {record['digest'][:16]} "
+                        "was written")
     return None

@@ -165,6 +165,21 @@ def resolve_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
                    master_port=_free_port(), launcher="single", restart_count=restarts)
 
 
+def cuda_device_index(local_rank: int, device_count: int, environ: Mapping[str, str] | None = None) -> int:
+    """The CUDA device this process drives: LOCAL_RANK modulo the devices it can see.
+
+    torch counts only the devices CUDA_VISIBLE_DEVICES lets through, and numbers them from 0. Under
+    torchrun every process sees the node's GPUs (local rank i -> cuda:i); with `srun --gpus-per-task=1`
+    each task sees only its own GPU, as cuda:0, while its local rank runs to 7.
+    """
+    if device_count < 1:
+        env = os.environ if environ is None else environ
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        raise RuntimeError("train.device=cuda but no CUDA device is visible"
+                           + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""))
+    return local_rank % device_count
+
+
 def export_dist_env(env: DistEnv) -> None:
     os.environ.update({
         "RANK": str(env.rank),

@@ -6,6 +6,7 @@ gathered over DP, then set back through DeepSpeed's safe_get/set_full_* API.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +27,8 @@ from megatrain.export.portable_format import (
 from megatrain.model.init import canonical_parameters, full_shape
 from megatrain.parallel import deepspeed_internals as ds
 from megatrain.parallel.mesh import Mesh
+
+log = logging.getLogger("megatrain")
 
 
 def full_value(p: torch.nn.Parameter, moment: str | None, base: torch.optim.Optimizer) -> torch.Tensor:
@@ -96,10 +99,11 @@ def check_shapes(module: torch.nn.Module, mesh: Mesh, shapes: dict[str, list[int
                          f"shapes (saved, now) {dict(list(wrong.items())[:5])}; use the same model.* keys")
 
 
-def load(engine: Any, mesh: Mesh, directory: Path) -> dict[str, Any]:
+def load(engine: Any, mesh: Mesh, directory: Path) -> PortableCheckpoint:
     """Collective: restore weights, Adam moments, optimizer step and LR schedule into any layout.
 
-    The engine was built normally for this run's layout; returns the portable state.json.
+    The engine was built normally for this run's layout; returns the checkpoint read (`.state` is its
+    state.json, `.bytes_read` what this rank read).
     """
     from deepspeed.utils import safe_set_full_optimizer_state
 
@@ -107,10 +111,10 @@ def load(engine: Any, mesh: Mesh, directory: Path) -> dict[str, Any]:
     check_shapes(engine.module, mesh, {n: source.shape(n) for n in source.names()}, str(directory))
     base = ds.base_optimizer(engine)
     _create_optimizer_state(engine, source.state["optimizer_step"])
-    for name, p in canonical_parameters(engine.module):
-        set_parameter(p, local_slice(source.tensor(name), p, mesh))
+    for name, p in canonical_parameters(engine.module):  # this stage's parameters, this TP rank's slices
+        set_parameter(p, source.local(name, None, p.tp_dim, mesh.tp, mesh.tp_rank))
         for moment in MOMENTS:
-            value = local_slice(source.tensor(name, moment), p, mesh).to(p.device)
+            value = source.local(name, moment, p.tp_dim, mesh.tp, mesh.tp_rank).to(p.device)
             if ds.has_fp32_master(p):
                 safe_set_full_optimizer_state(p, value, moment)
             else:  # ZeRO-0 in fp32: state keyed by the parameter itself
@@ -119,7 +123,9 @@ def load(engine: Any, mesh: Mesh, directory: Path) -> dict[str, Any]:
     for group, lr in zip(base.param_groups, engine.lr_scheduler.get_last_lr()):
         group["lr"] = lr  # the scheduler sets rates only when it steps; the next step needs this one
     ds.set_step_counters(engine, source.state["step"])
-    return source.state
+    log.info("portable copy %s: this rank read %.1f MB of its %.1f MB (its stage and TP slices)", directory,
+             source.bytes_read / 1e6, source.file_bytes() / 1e6)
+    return source
 
 
 def _create_optimizer_state(engine: Any, step: int) -> None:

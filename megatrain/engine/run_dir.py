@@ -132,8 +132,8 @@ def resume_point(cfg: Config, run_dir: Path, rank: int) -> ResumePoint:
             raise ConfigError(f"run.dir={run_dir} already holds checkpoints and train.resume=none; "
                               "use train.resume=auto to continue it, or a new run.dir")
         return ResumePoint(None)
-    if cfg.train.resume == "auto":
-        path = checkpointer.find_latest()
+    if cfg.train.resume == "auto":  # a cooldown branch forks until it has a checkpoint of its own
+        path = checkpointer.find_latest() or (Path(cfg.train.fork_from) if cfg.train.fork_from else None)
     else:
         path = Path(cfg.train.resume)
         problem = verify(path) if path.is_dir() else "no such directory"

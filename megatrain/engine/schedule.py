@@ -1,4 +1,5 @@
-"""Learning-rate schedule: linear warmup, then cosine / linear decay to min_lr, or constant."""
+"""Learning-rate schedule: linear warmup, then cosine / linear decay to min_lr, constant, or wsd
+(warmup-stable-decay: constant lr, then linear decay to min_lr over the last optim.decay_fraction)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
         return optim.lr * (step + 1) / optim.warmup_steps
     if optim.schedule == "constant":
         return optim.lr
+    if optim.schedule == "wsd":
+        stable = optim.stable_steps(total_steps)
+        if step < stable:
+            return optim.lr
+        progress = min(1.0, (step - stable + 1) / max(1, total_steps - stable))
+        return optim.lr + (optim.min_lr - optim.lr) * progress
     progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.schedule == "cosine" else 1 - progress
     return optim.min_lr + (optim.lr - optim.min_lr) * shape

@@ -24,17 +24,19 @@ def _pipe_micro_batches(next_batch: Callable[[], Batch], n: int, device: torch.d
         yield inputs, b["labels"]
 
 
-def _dp_mean(value: torch.Tensor, group: dist.ProcessGroup | None) -> float:
+def _dp_mean(value: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """On the device: an all-reduce is queued, nothing waits for it (NCCL) until the value is read."""
     value = value.detach().float().clone()
     dist.all_reduce(value, group=group)
-    return value.item() / dist.get_world_size(group)
+    return value / dist.get_world_size(group)
 
 
 def train_step(engine, next_batch: Callable[[], Batch], grad_accum: int, device: torch.device,
-               dp_group: dist.ProcessGroup | None, timer: StepTimer | None = None) -> tuple[float, float]:
-    """Forward/backward over `grad_accum` micro-batches and one optimizer step.
+               dp_group: dist.ProcessGroup | None, timer: StepTimer | None = None) -> tuple[torch.Tensor, float]:
+    """Forward/backward over `grad_accum` micro-batches and one optimizer step, with no host sync of ours.
 
-    Returns (loss of the global batch averaged over micro-batches and DP ranks, lr applied).
+    Returns (loss of the global batch averaged over micro-batches and DP ranks, as a 0-d tensor on the
+    device, read at log steps; lr applied).
     """
     timer = timer or StepTimer(device)
     lr = engine.get_lr()[0]  # the scheduler advances inside the step
@@ -42,7 +44,7 @@ def train_step(engine, next_batch: Callable[[], Batch], grad_accum: int, device:
         timer.start()
         loss = engine.train_batch(data_iter=_pipe_micro_batches(next_batch, grad_accum, device))
         timer.stop("pipeline_step_s")
-        return loss.item(), lr
+        return loss.detach(), lr
     total = torch.zeros((), device=device)
     timer.start()
     for _ in range(grad_accum):
@@ -59,7 +61,7 @@ def train_step(engine, next_batch: Callable[[], Batch], grad_accum: int, device:
 
 @torch.no_grad()
 def eval_loss(engine, next_batch: Callable[[], Batch], steps: int, device: torch.device,
-              dp_group: dist.ProcessGroup | None) -> float:
+              dp_group: dist.ProcessGroup | None) -> torch.Tensor:
     """Mean loss over `steps` micro-batches per DP rank, averaged over DP ranks."""
     engine.eval()
     if hasattr(engine, "eval_batch"):

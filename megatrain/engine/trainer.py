@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 
 from megatrain.config import Config, config_warnings, validate
-from megatrain.data.dataset import build_loader, check_data, load_tokenizer
+from megatrain.data.dataset import TokenLoader, build_loader, check_data, load_tokenizer
 from megatrain.data.manifest import vocab_from_data
 from megatrain.engine.build import build_engine, init_distributed, pick_device, resolve_precision
 from megatrain.engine.checkpoint import Checkpointer, RunContext
 from megatrain.engine.dist_env import export_dist_env, resolve_dist_env
+from megatrain.engine.memory_check import check_memory
 from megatrain.engine.run_dir import (
     check_same_model,
     check_save_failure,
@@ -32,7 +33,7 @@ from megatrain.engine.run_dir import (
 from megatrain.engine.schedule import on_resume
 from megatrain.engine.step import eval_loss, train_step
 from megatrain.observe.logger import MetricsLogger, setup_console_logging
-from megatrain.observe.meters import StepTimer, memory_stats, peak_flops
+from megatrain.observe.meters import LossWatch, StepTimer, Throughput, memory_stats, peak_flops, process_memory, to_host
 from megatrain.parallel.mesh import Mesh
 from megatrain.parallel.stages import bubble_fraction
 from megatrain.scaling.flops import param_counts, training_flops_per_token
@@ -43,12 +44,16 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on a signal; the batch script requeues
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit) ask for save-and-exit."""
+    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit) ask for save-and-exit.
+
+    The flag is agreed over a gloo group on host tensors: polling it never waits for a GPU.
+    """
 
     def __init__(self):
         self.requested = False
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._request)
+        self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
     def _request(self, signum, frame) -> None:
         # Only a flag: a second signal during the save cannot interrupt it.
@@ -59,19 +64,17 @@ class Preemption:
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
 
-    def agreed(self, device: torch.device) -> bool:
-        """All ranks stop at the same step if any rank was signalled."""
-        flag = torch.tensor([float(self.requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def agreed(self) -> bool:
+        """All ranks stop at the same step if any rank was signalled (collective)."""
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.numpy()[0])  # a host tensor: no device read
 
 
-def evaluate(engine, cfg: Config, mesh: Mesh, device: torch.device) -> float:
+def evaluate(engine, cfg: Config, mesh: Mesh, device: torch.device, loader: TokenLoader) -> float:
     """Eval loss on `train.eval_steps` batches of the validation split (the same batches every time)."""
-    loader = build_loader(cfg.data, split="valid", seq_len=cfg.train.seq_len,
-                          micro_batch_size=mesh.layout.micro_batch_size, dp_rank=mesh.dp_rank, dp_size=mesh.dp,
-                          seed=cfg.train.seed)
-    return eval_loss(engine, loader.next_batch, cfg.train.eval_steps, device, mesh.dp_group)
+    loader.rewind()
+    return to_host(loss=eval_loss(engine, loader.next_batch, cfg.train.eval_steps, device, mesh.dp_group))["loss"]
 
 
 def train(cfg: Config, raw: dict[str, Any]) -> int:
@@ -96,6 +99,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         log.info("model.vocab_size=%d: the tokenizer of %s has %d tokens, padded by %d to a multiple of "
                  "model.vocab_multiple x parallel.tp = %d x %d", vocab.vocab_size, vocab.source,
                  vocab.tokenizer_vocab, vocab.padding, cfg.model.vocab_multiple, cfg.parallel.tp)
+    check_memory(cfg, env.world_size, device)  # before any process group or weight: train.memory_check
     # Before any process group: a bad dataset costs seconds, not a queue wait. Rank 0 hashes the shards.
     data = check_data(cfg.data, cfg.tokenizer, seq_len=cfg.train.seq_len, model_vocab_size=cfg.model.vocab_size,
                       batch=layout.micro_batch_size * layout.dp, evaluate=cfg.train.eval_interval > 0,
@@ -116,13 +120,21 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     init_distributed(device)
     mesh = Mesh.build(layout)
     torch.manual_seed(cfg.train.seed)
-    engine = build_engine(cfg, mesh, device)
+    before_engine = process_memory()  # the planner's memory is what the engine and training add
+    engine = build_engine(cfg, mesh, device, config_out=run_dir / "deepspeed.json" if env.rank == 0 else None)
     loader = build_loader(cfg.data, split="train", seq_len=cfg.train.seq_len,
                           micro_batch_size=layout.micro_batch_size, dp_rank=mesh.dp_rank, dp_size=mesh.dp,
                           seed=cfg.train.seed)
+    valid = None if not cfg.train.eval_interval else build_loader(  # built once, rewound at every eval
+        cfg.data, split="valid", seq_len=cfg.train.seq_len, micro_batch_size=layout.micro_batch_size,
+        dp_rank=mesh.dp_rank, dp_size=mesh.dp, seed=cfg.train.seed)
 
     checkpointer = Checkpointer(run_dir, cfg.train.keep_last, env.rank,
                                 RunContext(cfg, mesh, data.tokenizer_path, data.eod_id))
+    # Cooldown branches fork from stable-phase checkpoints kept apart from the rotation (keep_last).
+    fork_steps = {cfg.optim.stable_steps(round(d / (layout.global_batch_size * cfg.train.seq_len)))
+                  for d in cfg.train.cooldowns}
+    forks = Checkpointer(run_dir / "cooldowns", 0, env.rank, checkpointer.context) if fork_steps else None
     step, tokens = 0, 0
     resume_from = start.path
     if resume_from is not None:
@@ -143,13 +155,15 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
                 "raise train.global_batch_size for more micro-batches", layout.pp, layout.grad_accum, 100 * bubble)
     counts = param_counts(cfg.model)
     flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
-    peak, peak_source = peak_flops(device, cfg.train.precision)
+    peak, peak_source = peak_flops(device.type, torch.cuda.get_device_name(device) if device.type == "cuda" else "",
+                                   cfg.train.precision, cfg.observe.peak_tflops)
     tokens_per_step = layout.global_batch_size * cfg.train.seq_len
     log.info("model %s: %s params (%s non-embedding) | layout tp=%d pp=%d dp=%d zero=%d sp=%s | global batch %d "
-             "(micro %d x accum %d x dp %d) | peak %.1f TFLOP/s/device (%s)", cfg.model.name,
+             "(micro %d x accum %d x dp %d) | %s", cfg.model.name,
              f"{counts.total:,}", f"{counts.non_embedding:,}", layout.tp, layout.pp, layout.dp,
              layout.zero_stage, "on" if layout.sequence_parallel else "off", layout.global_batch_size,
-             layout.micro_batch_size, layout.grad_accum, layout.dp, peak / 1e12, peak_source)
+             layout.micro_batch_size, layout.grad_accum, layout.dp,
+             f"peak {peak / 1e12:.1f} TFLOP/s/device ({peak_source})" if peak else f"MFU omitted ({peak_source})")
 
 
     metrics = MetricsLogger(run_dir, enabled=env.rank == 0, total_steps=cfg.train.steps, start_step=step,
@@ -158,9 +172,16 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
                             progress=cfg.logging.progress)
     preemption = Preemption()
     profiler = _start_profiler(run_dir, env.rank) if cfg.train.profile else None
-    timer = StepTimer(device)
+    timer, watch, window = StepTimer(device), LossWatch(device), Throughput()
     last_loss = last_eval = float("nan")
-    window_start, window_steps = time.perf_counter(), 0
+
+    def check_finite() -> float:
+        """Read the loss (a sync: log and save steps only); stop at a non-finite loss since the last read."""
+        loss, first_bad = watch.read()
+        if first_bad:
+            raise FloatingPointError(f"loss is not finite at step {first_bad} (read at step {step}); "
+                                     "lower optim.lr or check the data")
+        return loss
 
     def save(final: bool = False) -> None:
         # The portable copy doubles save time and size: every train.portable_every-th periodic save, always the last.
@@ -179,42 +200,51 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
                      + ("" if portable else " (no portable copy: train.portable_every)"))
 
     exit_code = 0
+    # Between log steps nothing here waits for the GPU: the loss stays on the device (LossWatch), phases are
+    # timed with CUDA events, the preemption flag is agreed on the host. Log and save steps read them.
     while step < cfg.train.steps:
-        last_loss, lr = train_step(engine, loader.next_batch, layout.grad_accum, device, mesh.dp_group, timer)
+        loss, lr = train_step(engine, loader.next_batch, layout.grad_accum, device, mesh.dp_group, timer)
         step += 1
         tokens += tokens_per_step
-        window_steps += 1
-        if not math.isfinite(last_loss):
-            raise FloatingPointError(f"loss is {last_loss} at step {step}; lower optim.lr or check the data")
+        watch.update(loss, step)
+        window.step()
 
         row: dict[str, Any] = {}
         if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
-            elapsed = time.perf_counter() - window_start
-            tps = tokens_per_step * window_steps / elapsed
+            last_loss = check_finite()
+            elapsed = window.seconds()
+            tps = tokens_per_step * window.steps / elapsed
             achieved = tps / layout.world * flops_per_token
             row = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": _grad_norm(engine),
                    "tokens": tokens, "tokens_per_s": tps, "tokens_per_s_per_device": tps / layout.world,
-                   "tflops_per_device": achieved / 1e12, "mfu": achieved / peak,
-                   "step_time_s": elapsed / window_steps, "restart_count": env.restart_count,
-                   **{k: v / window_steps for k, v in timer.pop().items()}, **memory_stats(device)}
-            window_start, window_steps = time.perf_counter(), 0
+                   "tflops_per_device": achieved / 1e12, **({"mfu": achieved / peak} if peak else {}),
+                   "step_time_s": elapsed / window.steps, "restart_count": env.restart_count,
+                   **{k: v / window.steps for k, v in timer.pop().items()}, **memory_stats(device)}
+            window.restart()
         if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
-            last_eval = evaluate(engine, cfg, mesh, device)
+            with window.excluded(device):  # eval time is not training throughput
+                last_eval = evaluate(engine, cfg, mesh, device, valid)
             row.update(step=step, eval_loss=last_eval, eval_ppl=math.exp(min(last_eval, 50.0)))
-            window_start = time.perf_counter()  # eval time is not training throughput
         if row:
             metrics.log(row)
 
         if profiler is not None:
             profiler.step()
-        if preemption.agreed(device):
-            save()
+        if forks is not None and step in fork_steps:  # before a preemption exit: a resume runs past it
+            last_loss = check_finite()
+            with window.excluded(device):
+                forks.save(engine, step, {"step": step, "tokens": tokens, "data": loader.state_dict()},
+                           with_portable=False)
+        preempted = step % cfg.train.signal_check_interval == 0 and preemption.agreed()
+        if preempted or step == cfg.train.steps or (cfg.train.save_interval and step % cfg.train.save_interval == 0):
+            last_loss = check_finite()  # never publish a checkpoint after a non-finite loss
+            with window.excluded(device):
+                save(final=step == cfg.train.steps and not preempted)
+        if preempted:
             preemption.ignore_from_now()
             log.info("signal received: saved step %d, exiting with %d for requeue", step, EXIT_PREEMPTED)
             exit_code = EXIT_PREEMPTED
             break
-        if step == cfg.train.steps or (cfg.train.save_interval and step % cfg.train.save_interval == 0):
-            save(final=step == cfg.train.steps)
 
     if exit_code == 0:
         if cfg.train.sample_tokens > 0 and layout.pp == 1:  # sampling through pipeline stages: not yet
@@ -222,8 +252,12 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         summary = {"params_total": counts.total, "params_non_embedding": counts.non_embedding,
                    "vocab_size": cfg.model.vocab_size, "tokenizer_vocab_size": data.vocab_size,
                    "tokens": tokens, "flops": tokens * flops_per_token, "steps": step,
+                   **dict(zip(("unique_tokens", "epochs"), loader.seen())),
                    "final_loss": last_loss, "final_eval_loss": last_eval,
                    "layout": layout.record(), "zero_stage": layout.zero_stage}
+        ranks: list[Any] = [None] * env.world_size
+        dist.all_gather_object(ranks, {"before_engine_rss": before_engine.get("rss"), **process_memory()})
+        summary["memory_per_rank_bytes"] = ranks  # CPU: RSS before the engine and its high-water mark
         if env.rank == 0:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         metrics.summary(summary)

@@ -212,6 +212,10 @@ def read_hf(directory: Path, m: ModelConfig) -> dict[str, torch.Tensor]:
         raise ValueError("the run's model differs from the one to import: " + "; ".join(wrong)
                          + " (kv_heads is model.n_kv_heads, ffn_dim model.ffn_hidden)")
     files = sorted(Path(directory).glob("*.safetensors"))
+    pickled = sorted(p for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in Path(directory).glob(pattern))
+    if not files and pickled:
+        raise ValueError(f"{pickled[0]} is a pickle, which megatrain never loads (unpickling can run code), and "
+                         f"{directory} holds no *.safetensors weights; convert it to safetensors where you trust it")
     if not files:
         raise ValueError(f"{directory} holds no *.safetensors weights")
     state = {}

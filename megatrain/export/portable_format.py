@@ -59,6 +59,7 @@ class PortableCheckpoint:
         self.state = json.loads((self.directory / STATE).read_text())
         self.model = ModelConfig(**self.state["model"])
         self.tp = int(self.state["tp"])
+        self.bytes_read = 0  # tensor bytes read from the shard files so far
         # name -> (tp_dim, {tp_rank: file}); a tied embedding on two pipeline stages appears twice: same values
         self.index: dict[str, tuple[int | None, dict[int, Path]]] = {}
         for path in sorted(self.directory.glob("*.safetensors")):
@@ -72,18 +73,46 @@ class PortableCheckpoint:
 
     def tensor(self, name: str, moment: str | None = None) -> torch.Tensor:
         """The full fp32 tensor: TP slices concatenated along their split dim."""
+        return self.local(name, moment, None, 1, 0)
+
+    def local(self, name: str, moment: str | None, tp_dim: int | None, tp: int, tp_rank: int) -> torch.Tensor:
+        """Slice `tp_rank` of `tp` along `tp_dim` (None or tp=1: the whole tensor), reading only its bytes.
+
+        The saved TP slices overlapping the wanted range are read through safetensors' get_slice, so a
+        rank of any layout reads about its own share, not the whole model; `bytes_read` counts them.
+        """
         if name not in self.index:
             raise KeyError(f"parameter {name} is not in the portable checkpoint {self.directory}")
-        tp_dim, files = self.index[name]
-        parts = []
-        for rank in sorted(files):
-            with safe_open(str(files[rank]), framework="pt") as f:
-                parts.append(f.get_tensor(tensor_key(name, moment)))
-        if tp_dim is None:
-            return parts[0]
-        if sorted(files) != list(range(self.tp)):
+        saved_dim, files = self.index[name]
+        key = tensor_key(name, moment)
+        if saved_dim is not None and sorted(files) != list(range(self.tp)):
             raise ValueError(f"{self.directory}: parameter {name} has TP slices {sorted(files)} of {self.tp}")
-        return torch.cat(parts, dim=tp_dim)
+        dim = saved_dim if tp_dim is None or tp == 1 else tp_dim
+        if dim is None:  # replicated and wanted whole
+            return self._read(files[min(files)], key, 0, None)
+        full = self.shape(name)[dim]
+        lo, hi = (0, full) if tp_dim is None or tp == 1 else (tp_rank * full // tp, (tp_rank + 1) * full // tp)
+        if saved_dim is None:
+            return self._read(files[min(files)], key, dim, (lo, hi))
+        if saved_dim != dim:
+            raise ValueError(f"{self.directory}: parameter {name} is split along dim {saved_dim}, not {dim}")
+        width = full // self.tp  # each saved file holds [r * width, (r + 1) * width)
+        parts = [self._read(files[r], key, dim, (max(lo, r * width) - r * width, min(hi, (r + 1) * width) - r * width))
+                 for r in range(lo // width, (hi - 1) // width + 1)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+    def _read(self, path: Path, key: str, dim: int, bounds: tuple[int, int] | None) -> torch.Tensor:
+        with safe_open(str(path), framework="pt") as f:
+            if bounds is None:
+                value = f.get_tensor(key)
+            else:
+                value = f.get_slice(key)[(slice(None),) * dim + (slice(*bounds),)]
+        self.bytes_read += value.numel() * value.element_size()
+        return value
+
+    def file_bytes(self) -> int:
+        """Bytes of every shard file: what reading the whole copy costs."""
+        return sum(p.stat().st_size for p in self.directory.glob("*.safetensors"))
 
     def shape(self, name: str) -> list[int]:
         """The full shape, read from the file headers only."""

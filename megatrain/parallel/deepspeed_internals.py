@@ -149,3 +149,54 @@ def set_step_counters(engine: Any, step: int) -> None:
              "DeepSpeedEngine.global_steps / global_samples")
     engine.global_steps = step
     engine.global_samples = step * engine.train_batch_size()
+
+
+# The only classes DeepSpeed 0.19 pickles into its checkpoint files (besides tensors and plain data), found
+# with torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO 0-3, bf16 and pipeline checkpoints.
+CHECKPOINT_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                      "deepspeed.runtime.zero.config.ZeroStageEnum",
+                      "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+class UnsafeCheckpointFile(RuntimeError):
+    """A checkpoint file holds an object a weights-only load refuses (a pickle that could run code)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path} holds an object other than tensors, plain data and DeepSpeed's "
+                         f"{len(CHECKPOINT_GLOBALS)} allow-listed types ({reason}); refusing to load it: "
+                         "unpickling it could run code")
+        self.path = path
+
+
+def _checkpoint_globals() -> list[type]:
+    import importlib
+
+    found = []
+    for name in CHECKPOINT_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        cls = getattr(importlib.import_module(module), attr, None)
+        _require(cls is not None, name)
+        found.append(cls)
+    return found
+
+
+def load_weights_only(path: str, map_location: Any = None) -> Any:
+    """torch.load that never runs code: tensors, plain data and DeepSpeed's allow-listed types only."""
+    import pickle
+    import re
+
+    with torch.serialization.safe_globals(_checkpoint_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            reason = f"it asks for {found[1]}" if found else str(err).strip().splitlines()[-1]
+            raise UnsafeCheckpointFile(str(path), reason) from err
+
+
+def load_checkpoints_weights_only(engine: Any) -> None:
+    """DeepSpeed 0.19's TorchCheckpointEngine.load passes weights_only=False, so a planted pickle in any of
+    its files runs as the training user; every file of engine.load_checkpoint goes through it."""
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    _require(callable(getattr(checkpoint_engine, "load", None)), "DeepSpeedEngine.checkpoint_engine.load")
+    checkpoint_engine.load = load_weights_only

@@ -9,6 +9,7 @@ are skipped, so a live refit during a sweep never fits a half-trained model).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import json
 import warnings
@@ -18,9 +19,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from megatrain.config import ModelConfig
+from megatrain.config import ModelConfig, check_choice
 from megatrain.scaling.fit import Point
-from megatrain.scaling.flops import param_counts
+from megatrain.scaling.flops import param_counts, training_flops_per_token
 
 WANDB_PREFIX = "wandb:"
 PARAM_KEYS = {"non_embedding": "params_non_embedding", "total": "params_total"}
@@ -28,10 +29,8 @@ LOSS_KEYS = {"eval": ("final_eval_loss", "eval_loss"), "train": ("final_loss", "
 
 
 def _check_choice(params: str, loss: str) -> None:
-    if params not in PARAM_KEYS:
-        raise ValueError(f"fit.params={params!r}: choose non_embedding or total")
-    if loss not in LOSS_KEYS:
-        raise ValueError(f"fit.loss={loss!r}: choose eval or train")
+    check_choice("fit.params", params, tuple(PARAM_KEYS))
+    check_choice("fit.loss", loss, tuple(LOSS_KEYS))
 
 
 def is_run_dir(path: Path) -> bool:
@@ -69,7 +68,9 @@ def _from_metrics(run: Path, params: str, loss: str) -> Point | None:
     model = ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
     n = getattr(param_counts(model), params)
     tokens = max(r.get("tokens", 0) for r in rows)
-    return Point(float(n), float(tokens), float(losses[-1]), _sweep_budget(run), str(run))
+    seq_len = OmegaConf.select(cfg, "train.seq_len", default=None)
+    flops = tokens * training_flops_per_token(model, seq_len) if seq_len else None
+    return Point(float(n), float(tokens), float(losses[-1]), _sweep_budget(run), str(run), flops)
 
 
 def read_run_dir(run: Path, params: str = "non_embedding", loss: str = "eval") -> Point | None:
@@ -85,8 +86,9 @@ def read_run_dir(run: Path, params: str = "non_embedding", loss: str = "eval") -
     if missing:
         hint = "; set fit.loss=train or run with eval" if loss_key in missing else ""
         raise ValueError(f"{run}/summary.json lacks {', '.join(missing)}{hint}")
+    flops, unique = summary.get("flops"), summary.get("unique_tokens")
     return Point(float(summary[PARAM_KEYS[params]]), float(summary["tokens"]), float(summary[loss_key]),
-                 _sweep_budget(run), str(run))
+                 _sweep_budget(run), str(run), float(flops) if flops else None, float(unique) if unique else None)
 
 
 def _column(header: list[str], *names: str) -> str | None:
@@ -95,13 +97,19 @@ def _column(header: list[str], *names: str) -> str | None:
 
 
 def read_csv(path: Path) -> list[Point]:
-    """Rows of N, D, loss (or N, C, loss with D = C / 6N); an optional `budget` column groups IsoFLOPs."""
+    """Rows of N, D, loss (or N, C, loss with D = C / 6N); an optional `budget` column groups IsoFLOPs.
+
+    Beside D, a `flops` column is the run's measured training FLOPs (fit.compute=measured) and
+    `unique_tokens` (or `U`) the distinct tokens it saw (fit.approach=data).
+    """
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         n_col, d_col = _column(header, "N", "params"), _column(header, "D", "tokens")
         c_col, l_col = _column(header, "C", "compute", "flops"), _column(header, "loss")
         b_col, name_col = _column(header, "budget"), _column(header, "name", "run")
+        f_col = _column(header, "flops") if d_col else None
+        u_col = _column(header, "unique_tokens", "U")
         if n_col is None or l_col is None or (d_col is None and c_col is None):
             raise ValueError(f"{path}: needs columns N, D, loss (or N, C, loss); found {', '.join(header)}")
         points = []
@@ -111,9 +119,11 @@ def read_csv(path: Path) -> list[Point]:
                 d = float(row[d_col]) if d_col else float(row[c_col]) / (6 * n)
                 budget = row.get(b_col) if b_col else None
                 budget = float(budget) if budget else (float(row[c_col]) if c_col and not d_col else None)
+                flops = float(row[f_col]) if f_col and row[f_col] else None
+                unique = float(row[u_col]) if u_col and row[u_col] else None
             except (TypeError, ValueError, ZeroDivisionError) as e:
                 raise ValueError(f"{path} line {i}: {e}") from e
-            points.append(Point(n, d, loss, budget, row.get(name_col) if name_col else f"{path}:{i}"))
+            points.append(Point(n, d, loss, budget, row.get(name_col) if name_col else f"{path}:{i}", flops, unique))
     return points
 
 
@@ -139,13 +149,30 @@ def read_wandb(path: str, params: str = "non_embedding", loss: str = "eval", api
             continue
         budget = (run.config.get("sweep") or {}).get("budget")
         points.append(Point(float(s[keys[0]]), float(s[keys[1]]), float(s[keys[2]]),
-                            float(budget) if budget else None, f"wandb:{path}/{run.id}"))
+                            float(budget) if budget else None, f"wandb:{path}/{run.id}",
+                            float(s["flops"]) if s.get("flops") else None))
     return points
 
 
-def collect(inputs: Iterable[str], params: str = "non_embedding", loss: str = "eval") -> list[Point]:
-    """Points from every input: `wandb:entity/project[/run]`, a CSV, a run or sweep directory, or globs."""
+def collect(inputs: Iterable[str], params: str = "non_embedding", loss: str = "eval",
+            compute: str = "6nd") -> list[Point]:
+    """Points from every input: `wandb:entity/project[/run]`, a CSV, a run or sweep directory, or globs.
+
+    compute="6nd" drops the measured FLOPs (C = 6ND); "measured" needs them for every run.
+    """
     _check_choice(params, loss)
+    check_choice("fit.compute", compute, ("6nd", "measured"))
+    points = _collect(inputs, params, loss)
+    if compute == "6nd":
+        return [dataclasses.replace(p, flops=None) for p in points]
+    missing = [p.name for p in points if p.flops is None]
+    if missing:
+        raise ValueError(f"fit.compute=measured: {len(missing)} run(s) record no training FLOPs, e.g. {missing[0]} "
+                         "(summary.json 'flops', a CSV 'flops' column beside D); use fit.compute=6nd")
+    return points
+
+
+def _collect(inputs: Iterable[str], params: str, loss: str) -> list[Point]:
     points: list[Point] = []
     for item in inputs:
         if item.startswith(WANDB_PREFIX):

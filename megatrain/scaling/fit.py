@@ -1,9 +1,11 @@
 """Chinchilla scaling-law fits (Hoffmann et al. 2022, approaches 1, 2 and 3) with bootstrap intervals.
 
-Compute is C = 6 * N * D throughout, N being the parameter count the fit uses (`fit.params`) and D
+Compute is C = 6 * N * D by default, N being the parameter count the fit uses (`fit.params`) and D
 the training tokens: the same convention the sweep generator uses to size its runs, so a run
-planned for budget C lands on C here. Measured FLOPs (attention and lm head included) are
-reported beside, never mixed in.
+planned for budget C lands on C here. With `fit.compute=measured` a point carries its measured
+training FLOPs (attention and lm head included, flops.py) and C is that number: the allocation
+then follows the measured cost per token, fitted as a power law k N^p of N (p = 1, k = 6 is 6ND).
+The choice moves the exponents (Pearce and Song 2024; DeepSeek LLM 2024), so every fit says which.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ class Point:
     loss: float
     budget: float | None = None  # nominal IsoFLOP budget the run was planned for, if any
     name: str = ""
+    flops: float | None = None  # measured training FLOPs, set only under fit.compute=measured
+    unique_tokens: float | None = None  # distinct training tokens seen (data-constrained fits)
 
     @property
     def compute(self) -> float:
-        return 6.0 * self.params * self.tokens
+        return self.flops if self.flops is not None else 6.0 * self.params * self.tokens
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class AllocationFit:
     approach: int
     n_opt: PowerLaw
     d_opt: PowerLaw
-    optima: list[dict]  # per budget: C, N, D, loss (approach 2 adds the parabola and in_range)
+    optima: list[dict]  # per budget: C, N, D, loss (approach 2 adds the parabola)
     skipped: list[str] = field(default_factory=list)
 
     def optimal(self, compute: float) -> tuple[float, float]:
@@ -76,6 +80,7 @@ class ParametricFit:
     alpha: float
     beta: float
     objective: float  # summed Huber loss at the optimum
+    cost: PowerLaw = PowerLaw(6.0, 1.0)  # training FLOPs per token as k N^p: C = k N^p D
 
     approach = 3
 
@@ -84,24 +89,29 @@ class ParametricFit:
 
     @property
     def a(self) -> float:
-        return self.beta / (self.alpha + self.beta)
+        return self.beta / (self.alpha + self.cost.exponent * self.beta)
 
     @property
     def b(self) -> float:
-        return self.alpha / (self.alpha + self.beta)
+        return 1.0 - self.cost.exponent * self.a
 
     def optimal(self, compute: float) -> tuple[float, float]:
-        """argmin L(N, D) subject to 6 N D = C (Hoffmann et al. eq. 4)."""
+        """argmin L(N, D) subject to k N^p D = C; with 6ND (k = 6, p = 1) Hoffmann et al. eq. 4.
+
+        dL/dN = 0 on D = C / (k N^p) gives N^(alpha + p beta) = alpha A (C/k)^beta / (p beta B).
+        """
+        k, p = self.cost.coefficient, self.cost.exponent
         if self.alpha <= 0 or self.beta <= 0:
             raise ValueError(f"fitted alpha={self.alpha:.3g}, beta={self.beta:.3g}: a compute-optimal "
                              "allocation needs both exponents positive; the data do not constrain the law")
-        g = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
-        n = g * (compute / 6.0) ** self.a
-        return n, compute / (6.0 * n)
+        g = (self.alpha * self.A / (p * self.beta * self.B)) ** (1.0 / (self.alpha + p * self.beta))
+        n = g * (compute / k) ** self.a
+        return n, compute / (k * n**p)
 
     def summary(self) -> dict:
         return {"E": self.E, "A": self.A, "B": self.B, "alpha": self.alpha, "beta": self.beta,
-                "a": self.a, "b": self.b, "huber_objective": self.objective}
+                "a": self.a, "b": self.b, "huber_objective": self.objective,
+                "flops_per_token": {"k": self.cost.coefficient, "p": self.cost.exponent}}
 
 
 Fit = AllocationFit | ParametricFit
@@ -133,9 +143,8 @@ def group_by_budget(points: Sequence[Point], rtol: float = 0.1) -> list[list[Poi
 
 
 def _budget(group: list[Point]) -> float:
-    # A group's budget: the planned one, else the geometric mean of its runs' compute.
-    if group[0].budget:
-        return float(group[0].budget)
+    # A group's C: the geometric mean of its runs' compute, in the fit's N and C (fit.params,
+    # fit.compute), which need not be those the sweep was planned with; the plan only groups.
     return float(np.exp(np.mean([np.log(p.compute) for p in group])))
 
 
@@ -187,14 +196,25 @@ def fit_approach2(points: Sequence[Point]) -> AllocationFit:
             skipped.append(f"C={c:.3g}: loss is not convex in log N, no minimum")
             continue
         x = -slope / (2 * curvature)
+        sizes = sorted(p.params for p in group)
+        lowest = min(group, key=lambda p: p.loss).params
+        if lowest in (sizes[0], sizes[-1]) or not log_n.min() < x < log_n.max():
+            # Not bracketed: the vertex is an extrapolation of the curve, not a measured minimum.
+            edge = "smallest" if lowest == sizes[0] else "largest" if lowest == sizes[-1] else "an inner"
+            skipped.append(f"C={c:.3g}: lowest loss at the {edge} swept size (N={lowest:.3g}), parabola "
+                           f"minimum at N={math.exp(x):.3g}: the minimum is not bracketed, so N_opt there is "
+                           "unconstrained; sweep sizes beyond it")
+            continue
         n = float(np.exp(x))
         min_loss = float(np.polyval([curvature, slope, const], x))
-        optima.append({"C": c, "N": n, "D": c / (6 * n), "loss": min_loss,
-                       "parabola": [float(curvature), float(slope), float(const)],
-                       "in_range": bool(log_n.min() <= x <= log_n.max())})
+        # D at the vertex along this budget's runs: exactly C / 6N under 6ND, the measured cost otherwise.
+        d = c / (6 * n) if all(p.flops is None for p in group) else float(
+            np.exp(np.polyval(np.polyfit(log_n, np.log([p.tokens for p in group]), 1), x)))
+        optima.append({"C": c, "N": n, "D": d, "loss": min_loss,
+                       "parabola": [float(curvature), float(slope), float(const)]})
     if len(optima) < 2:
-        raise ValueError("approach 2 needs 2 or more IsoFLOP budgets with 3+ model sizes and a convex "
-                         f"loss curve; usable budgets: {len(optima)}" + "".join(f"\n  {s}" for s in skipped))
+        raise ValueError("approach 2 needs 2 or more IsoFLOP budgets with 3+ model sizes and a convex, "
+                         f"bracketed loss curve; usable budgets: {len(optima)}" + "".join(f"\n  {s}" for s in skipped))
     return _allocation(2, optima, skipped)
 
 
@@ -291,7 +311,17 @@ def fit_approach3(points: Sequence[Point], delta: float = 1e-3, starts: int = 32
     a, b, e, alpha, beta = best.x
     with np.errstate(over="ignore"):  # an unconstrained resample may run to A = inf: left out of CIs
         return ParametricFit(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)),
-                             alpha=float(alpha), beta=float(beta), objective=float(best.fun))
+                             alpha=float(alpha), beta=float(beta), objective=float(best.fun), cost=cost_law(points))
+
+
+def cost_law(points: Sequence[Point]) -> PowerLaw:
+    """Training FLOPs per token as k N^p: 6N under 6ND, else fitted to the runs' measured FLOPs."""
+    if all(p.flops is None for p in points):
+        return PowerLaw(6.0, 1.0)
+    if any(p.flops is None for p in points):
+        raise ValueError("fit.compute=measured: some runs have no measured FLOPs (summary.json 'flops', "
+                         "a CSV 'flops' column); give them or use fit.compute=6nd")
+    return fit_power_law([p.params for p in points], [p.flops / p.tokens for p in points])
 
 
 def theta(fit: ParametricFit) -> np.ndarray:

@@ -31,7 +31,7 @@ def isoflop_curves(points: list[Point], fits: dict, path: Path) -> Path:
     for i, group in enumerate(groups):
         color = COLORS(i / max(1, len(groups) - 1))
         n = np.array([p.params for p in group])
-        c = group[0].budget or float(np.exp(np.mean(np.log([p.compute for p in group]))))
+        c = float(np.exp(np.mean(np.log([p.compute for p in group]))))  # as fit._budget
         ax.scatter(n, [p.loss for p in group], color=color, label=f"C={c:.2g}")
         o = parabolas.get(round(c, 6))
         if o:
@@ -58,7 +58,7 @@ def frontier(points: list[Point], fits: dict, path: Path) -> Path:
     if isinstance(a3, ParametricFit) and a3.alpha > 0 and a3.beta > 0:
         grid = np.geomspace(c.min(), c.max(), 50)
         ax.plot(grid, [a3.loss(*a3.optimal(x)) for x in grid], "k--", label="L(N_opt, D_opt) (approach 3)")
-    ax.set(xscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="final loss", title="Loss vs compute")
+    ax.set(xscale="log", xlabel="compute C (FLOPs, fit.compute)", ylabel="final loss", title="Loss vs compute")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short spans
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -105,7 +105,8 @@ def surface(points: list[Point], fit: ParametricFit, path: Path) -> Path:
     fig.colorbar(cs, ax=ax, label="predicted loss")
     ax.scatter(n, d, c="w", edgecolor="k", s=20, label="runs")
     if fit.alpha > 0 and fit.beta > 0:
-        grid = np.geomspace((6 * n * d).min(), (6 * n * d).max(), 50)
+        c = np.array([p.compute for p in points])
+        grid = np.geomspace(c.min(), c.max(), 50)
         opt = np.array([fit.optimal(x) for x in grid])
         ax.plot(opt[:, 0], opt[:, 1], "r-", label="compute-optimal")
     ax.set(xscale="log", yscale="log", xlim=(nn.min(), nn.max()), ylim=(dd.min(), dd.max()),

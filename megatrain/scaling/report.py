@@ -23,19 +23,21 @@ from pathlib import Path
 
 from megatrain.config import Config, FitConfig, LoggingConfig
 from megatrain.data.manifest import with_umask_mode
+from megatrain.scaling import data_constrained, hparams
 from megatrain.scaling import fit as fitting
 from megatrain.scaling.collect import collect
+from megatrain.scaling.data_constrained import RepeatedPoint
 from megatrain.scaling.fit import ParametricFit, Point
 
 CI_KEYS = {1: ("a", "b"), 2: ("a", "b"), 3: ("E", "A", "B", "alpha", "beta", "a", "b")}
 
 
+COMPUTE = {"6nd": "C = 6 N D", "measured": "C = measured training FLOPs (6 N_matmul + 12 L T d_attn per token)"}
+PARAMS = {"non_embedding": "non-embedding parameters", "total": "total parameters"}
+
+
 def approaches(choice: str) -> list[int]:
-    if choice == "all":
-        return [1, 2, 3]
-    if choice not in ("1", "2", "3"):
-        raise ValueError(f"fit.approach={choice!r}: choose 1, 2, 3 or all")
-    return [int(choice)]
+    return [1, 2, 3] if str(choice) == "all" else [int(choice)]  # checked by FitConfig
 
 
 def _optimal(f: fitting.Fit, budget: float) -> dict:
@@ -115,7 +117,7 @@ def write_outputs(points: Sequence[Point], fits: dict, results: dict, errors: di
     output.mkdir(parents=True, exist_ok=True)
     budget = next(iter(results.values()))["optimal"]["C"]
     meta = {"params": fit_cfg.params, "loss": fit_cfg.loss, "budget": budget, "runs": len(points),
-            "compute": "C = 6 N D"}
+            "compute": fit_cfg.compute, "compute_rule": COMPUTE[fit_cfg.compute]}
     _write_json(output / "fit.json", {**meta, "approaches": {str(k): r for k, r in results.items()},
                                       "errors": {str(k): e for k, e in errors.items()}})
     for k, r in results.items():
@@ -187,17 +189,85 @@ def refit_and_log(sources: str | Path | Sequence[str | Path], fit_cfg: FitConfig
     fit_cfg = fit_cfg or FitConfig()
     logging_cfg = logging_cfg or LoggingConfig()
     inputs = [str(sources)] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
-    points = collect(inputs, fit_cfg.params, fit_cfg.loss)
     out = Path(output or fit_cfg.output)
+    if str(fit_cfg.approach) == "hparams":
+        return refit_hparams(inputs, fit_cfg, logging_cfg, out)
+    points = collect(inputs, fit_cfg.params, fit_cfg.loss, fit_cfg.compute)
+    if str(fit_cfg.approach) == "data":
+        return refit_data_constrained(points, fit_cfg, out)
     fits, results, errors = fit_all(points, fit_cfg)
     images = write_outputs(points, fits, results, errors, fit_cfg, out)
     run_id = log_to_wandb(points, results, images, fit_cfg, logging_cfg, out)
-    return {"results": results, "errors": errors, "output": str(out), "wandb_run": run_id}
+    return {"results": results, "errors": errors, "output": str(out), "wandb_run": run_id,
+            "basis": f"N = {PARAMS[fit_cfg.params]}, {COMPUTE[fit_cfg.compute]}"}
+
+
+def update_wandb_summary(output: Path, fit_cfg: FitConfig, logging_cfg: LoggingConfig, values: dict) -> str | None:
+    """Add `values` to the summary of the W&B run of this output directory (as log_to_wandb names it)."""
+    if logging_cfg.wandb_mode == "disabled":
+        return None
+    import wandb
+
+    output.mkdir(parents=True, exist_ok=True)
+    run_id = "scaling-" + hashlib.sha1(str(output.resolve()).encode()).hexdigest()[:10]
+    run = wandb.init(project=logging_cfg.wandb_project, entity=logging_cfg.wandb_entity,
+                     mode=logging_cfg.wandb_mode, id=run_id, resume="allow", job_type="scaling-fit",
+                     name=f"scaling-fit:{output.name}", dir=str(output), config={"fit": vars(fit_cfg)})
+    run.summary.update(values)
+    run.finish()
+    return run_id
+
+
+def refit_hparams(inputs: list[str], fit_cfg: FitConfig, logging_cfg: LoggingConfig, out: Path) -> dict:
+    """fit.approach=hparams: eta_opt(C) and B_opt(C) with intervals -> hparams.json (+ the W&B summary)."""
+    points: list[hparams.HparamPoint] = []
+    for item in inputs:
+        if item.endswith(".csv") and Path(item).is_file():
+            points += hparams.read_hparam_csv(Path(item), fit_cfg.compute)
+        else:
+            points += hparams.read_hparam_points(collect([item], fit_cfg.params, fit_cfg.loss, fit_cfg.compute))
+    budget = fit_cfg.budget or max(p.compute for p in points) if points else 0.0
+    result = hparams.report(points, budget, fit_cfg.bootstrap, fit_cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    basis = f"N = {PARAMS[fit_cfg.params]}, {COMPUTE[fit_cfg.compute]}"
+    _write_json(out / "hparams.json", {"params": fit_cfg.params, "compute": fit_cfg.compute,
+                                       "compute_rule": COMPUTE[fit_cfg.compute], "runs": len(points), **result})
+    run_id = update_wandb_summary(out, fit_cfg, logging_cfg, {
+        "runs": len(points), **{f"hparams/{k}": v for k, v in result["laws"].items()}})
+    return {"hparams": result, "results": {}, "errors": {}, "output": str(out), "wandb_run": run_id,
+            "basis": basis}
+
+
+def refit_data_constrained(points: Sequence[Point], fit_cfg: FitConfig, out: Path) -> dict:
+    """fit.approach=data: Muennighoff et al.'s L(N, D') with a fitted R_D* -> data.json."""
+    missing = [p.name for p in points if p.unique_tokens is None]
+    if missing:
+        raise ValueError(f"fit.approach=data: {len(missing)} run(s) record no unique_tokens, e.g. {missing[0]} "
+                         "(summary.json of a run trained with this version, or a CSV unique_tokens column)")
+    runs = [RepeatedPoint(p, p.unique_tokens) for p in points]
+    f = data_constrained.fit_data_constrained(runs)
+    result = {**f.summary(), "runs": len(runs), "repeating_runs": sum(r.repetitions > 0 for r in runs),
+              "max_epochs": max(r.point.tokens / r.unique_tokens for r in runs)}
+    if fit_cfg.bootstrap > 0:
+        result |= data_constrained.bootstrap_data_constrained(runs, fit_cfg.bootstrap, fit_cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "data.json", {"params": fit_cfg.params, "loss": fit_cfg.loss, **result})
+    return {"data": result, "results": {}, "errors": {}, "output": str(out), "wandb_run": None,
+            "basis": f"N = {PARAMS[fit_cfg.params]}, D' = effective tokens"}
 
 
 def format_results(outcome: dict) -> str:
     """The console summary of a fit."""
-    lines = [f"scaling fit -> {outcome['output']}"]
+    lines = [f"scaling fit -> {outcome['output']} ({outcome['basis']})"]
+    if "hparams" in outcome:
+        return "\n".join(lines + hparams.format_report(outcome["hparams"]))
+    if "data" in outcome:
+        r, ci = outcome["data"], outcome["data"].get("ci", {})
+        span = {k: f" [{ci[k][0]:.3g}, {ci[k][1]:.3g}]" if k in ci else "" for k in r}
+        return "\n".join(lines + [f"data-constrained: R_D*={r['R_D_star']:.3g}{span['R_D_star']} E={r['E']:.3f} "
+                                   f"alpha={r['alpha']:.3f}{span['alpha']} beta={r['beta']:.3f}{span['beta']} "
+                                   f"({r['repeating_runs']} of {r['runs']} runs repeat data, up to "
+                                   f"{r['max_epochs']:.3g} epochs)"])
     for k, r in outcome["results"].items():
         o, ci = r["optimal"], r.get("ci", {})
 
@@ -212,6 +282,7 @@ def format_results(outcome: dict) -> str:
         lines.append(f"approach {k}: {law}a={r['a']:.3f}{span('a')} b={r['b']:.3f}{span('b')} | "
                      f"C={o['C']:.3g}: N_opt={o['N']:.4g}{span('N_opt')} D_opt={o['D']:.4g}{span('D_opt')} "
                      f"D/N={o['tokens_per_param']:.3g}")
+        lines += [f"warning: approach {k}: budget skipped: {s}" for s in r.get("skipped", [])]
     lines += [f"not fitted: {_reason(k, e)}" for k, e in outcome["errors"].items()]
     return "\n".join(lines)
 
@@ -230,7 +301,6 @@ def run(cfg: Config) -> dict:
     """launcher.fit_scaling: fit.input -> fit.output (+ W&B per logging.wandb_mode)."""
     if not cfg.fit.input:
         raise ValueError("fit.input is empty: give run or sweep directories, a CSV or wandb:<entity/project>")
-    inputs = [cfg.fit.input] if isinstance(cfg.fit.input, str) else list(cfg.fit.input)
-    outcome = refit_and_log(inputs, cfg.fit, cfg.logging, cfg.fit.output)
+    outcome = refit_and_log(cfg.fit.input, cfg.fit, cfg.logging, cfg.fit.output)
     print(format_results(outcome))
     return outcome

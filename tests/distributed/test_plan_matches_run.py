@@ -16,15 +16,12 @@ import pytest
 import torch
 
 from megatrain.config import ModelConfig
-from megatrain.plan import plan
+from megatrain.plan import CPU_OVERHEAD_GB, plan
 from tests.distributed.harness import run_ranks
 from tests.distributed.workloads import make_config, synthetic_batches
 
 MODEL = ModelConfig(vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256)
 BUFFERS = ("ipg",)  # DeepSpeed's reduce buckets (ipg_buckets, ipg_buffer): communication buffers
-# Framework overhead of a CPU rank (plan.overhead_gb): a DeepSpeed engine of a 1-block, 16-wide
-# model grows the peak RSS by 72 MiB per rank here (engine build 48, first forward/backward 22).
-CPU_OVERHEAD_GB = 0.075
 
 
 def _rss_bytes() -> int:
@@ -109,6 +106,11 @@ LAYOUTS = {
     "dp2-zero3-bf16": dict(parallel=dict(zero_stage=3), train=dict(precision="bf16")),
     "tp2-sp-zero2-fp32-selective": dict(parallel=dict(tp=2, zero_stage=2, sequence_parallel=True),
                                         train=dict(precision="fp32", activation_checkpointing="selective")),
+    # gradient accumulation: what ZeRO-1 and ZeRO-2 keep between micro-batches (bf16 reduction: their own path)
+    "dp2-zero1-accum2-bf16": dict(parallel=dict(zero_stage=1),
+                                  train=dict(precision="bf16", grad_reduce_dtype="bf16", global_batch_size=16)),
+    "dp2-zero2-accum2-bf16": dict(parallel=dict(zero_stage=2),
+                                  train=dict(precision="bf16", grad_reduce_dtype="bf16", global_batch_size=16)),
 }
 
 # ZeRO-3 on CPU: the peak RSS keeps growing step after step (glibc keeps the freed buffers of
@@ -119,7 +121,7 @@ TOTAL_NOT_PINNED = ("dp2-zero3-bf16",)
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_planned_memory_matches_what_the_run_holds(name):
     sections = LAYOUTS[name]
-    train = dict(micro_batch_size=4, global_batch_size=8, seq_len=256, **sections["train"])
+    train = {"micro_batch_size": 4, "global_batch_size": 8, "seq_len": 256, **sections["train"]}
     cfg = make_config(vars(MODEL), parallel=sections["parallel"], train=train)
     cfg = replace(cfg, plan=replace(cfg.plan, overhead_gb=CPU_OVERHEAD_GB))
     planned = plan(cfg, world_size=2)

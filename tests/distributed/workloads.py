@@ -49,7 +49,7 @@ def engine_losses(rank: int, cfg: Config, steps: int) -> dict[str, list[float]]:
             micro = next(mine)
             return {"input_ids": micro[:, :-1], "labels": micro[:, 1:]}
 
-        curve["loss"].append(train_step(engine, next_batch, layout.grad_accum, device, mesh.dp_group)[0])
+        curve["loss"].append(float(train_step(engine, next_batch, layout.grad_accum, device, mesh.dp_group)[0]))
         curve["grad_norm"].append(float(engine.get_global_grad_norm()))
     return curve
 

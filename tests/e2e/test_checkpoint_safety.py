@@ -51,7 +51,7 @@ def _logged_steps(run: Path) -> int:
 
 def _saving(run: Path, tag: str = "*") -> bool:
     """A save is open: its files are written (rank 0's trainer state is the last), not yet published."""
-    return any((run / "checkpoints").glob(f".partial-{tag}/trainer/rank_00000.pt"))
+    return any((run / "checkpoints").glob(f".partial-{tag}/trainer/rank_00000.json"))
 
 
 def _latest(run: Path) -> Path:

@@ -94,3 +94,14 @@ def test_plan_exits_3_when_nothing_fits_and_fit_errors_are_one_line():
     assert result.returncode == 3 and "no layout of tiny fits" in result.stdout
     assert cli("launcher.plan", "model=tiny", "model.vocab_size=512").returncode == 0
     _one_line_error(cli("launcher.fit_scaling", "fit.input=[]"), "fit.input is empty")
+
+
+def test_a_model_too_large_for_this_host_is_refused_with_the_shortfall_before_anything_is_built(tiny_data, tmp_path):
+    # llama-7b in fp32 in one CPU process: ~16 bytes per parameter, far beyond this host's memory
+    args = [a for a in TRAIN if not a.startswith("model=")]
+    result = cli("launcher.train", *args, "model=llama-7b", "train.precision=fp32", f"data.path={tiny_data}",
+                 f"run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "train.memory_check: the planner puts the peak per rank at" in result.stderr
+    assert "short by" in result.stderr and "train.memory_check=warn starts anyway" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -164,3 +164,35 @@ def test_tied_pp2_checkpoint_resumes_in_one_process_and_exports_with_the_same_lo
     out = tmp_path / "hf"
     _export((f"run.dir={pp_run}",), out)
     _assert_same_logits(pp_run / "checkpoints" / "step_00000004", out, "GPT2LMHeadModel")
+
+
+def test_export_into_a_non_empty_dir_is_refused_unless_export_overwrite(gpt2_export, tmp_path):
+    checkpoint, _ = gpt2_export
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+    result = cli("launcher.export", f"export.checkpoint={checkpoint}", f"export.output={out}")
+    assert result.returncode == 2, result.stderr
+    assert f"export.output={out} exists and is not empty" in result.stderr and "export.overwrite=true" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["config.json"] and '"mine"' in (out / "config.json").read_text()
+    _export((f"export.checkpoint={checkpoint}", "export.overwrite=true"), out)
+    assert '"mine"' not in (out / "config.json").read_text() and (out / "model.safetensors").is_file()
+
+
+def test_init_from_a_directory_of_pickled_weights_is_refused_naming_the_file(gpt2_export, tiny_data, tmp_path):
+    _, out = gpt2_export
+    hostile = tmp_path / "hf"
+    hostile.mkdir()
+    shutil.copy(out / "config.json", hostile)
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    torch.save({"x": Payload()}, hostile / "pytorch_model.bin")
+    result = cli("launcher.train", *ARGS, *GPT2, f"data.path={tiny_data}", f"run.dir={tmp_path / 'run'}",
+                 "train.steps=1", f"train.init_from={hostile}")
+    assert result.returncode == 2, result.stderr
+    assert f"{hostile / 'pytorch_model.bin'} is a pickle, which megatrain never loads" in result.stderr
+    assert not marker.exists()

@@ -18,9 +18,12 @@ def test_train_writes_the_run_directory_contract_and_loss_falls(tiny_data, tmp_p
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["train"]["steps"] == 30 and config["model"]["name"] == "tiny"
+    deepspeed = json.loads((run / "deepspeed.json").read_text())  # exactly what DeepSpeed was given
+    assert deepspeed["gradient_accumulation_steps"] == 1 and deepspeed["data_types"] == {"grad_accum_dtype": "fp32"}
     rows = metrics(run)
-    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "tflops_per_device"):
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "tflops_per_device"):
         assert key in rows[0], key
+    assert "mfu" not in rows[0]  # a CPU has no datasheet peak, and observe.peak_tflops is not set
     evals = [row for row in rows if "eval_loss" in row]
     assert [row["step"] for row in evals] == [15, 30]
     assert evals[-1]["eval_ppl"] > 1 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]

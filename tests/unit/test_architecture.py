@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[2]
 LEAVES = {"megatrain.config", "megatrain.hardware", "megatrain.scaling.flops", "megatrain.parallel.stages",
           "megatrain.data.manifest", "megatrain.data.errors"}
 # Which layer may import which (besides itself and the leaves): launcher -> engine -> {model, data,
-# parallel, observe, export}; model -> parallel; plan and scaling stand on the leaves alone.
+# parallel, observe, export, plan}; model -> parallel; plan and scaling stand on the leaves alone.
 ALLOWED = {
     "launcher": {"engine", "model", "data", "parallel", "observe", "export", "plan", "scaling"},
-    "engine": {"model", "data", "parallel", "observe", "export"},
+    "engine": {"model", "data", "parallel", "observe", "export", "plan"},  # plan: the pre-flight memory check
     "model": {"parallel"},
     "parallel": set(), "data": set(), "observe": set(), "export": set(), "plan": set(), "scaling": set(),
 }

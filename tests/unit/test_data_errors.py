@@ -129,6 +129,14 @@ def test_corrupted_shard_fails_the_checksum_even_after_a_passed_check(prepared):
         run_check_data(cfg)
 
 
+@pytest.mark.parametrize("fraction", [-0.1, 1.5])
+def test_verify_fraction_outside_0_1_is_named(prepared, fraction):
+    cfg, _ = prepared
+    cfg.data.verify_fraction = fraction
+    with pytest.raises(DataError, match=f"data.verify_fraction={fraction} must be in \\[0, 1\\]"):
+        run_check_data(cfg)
+
+
 def test_missing_manifest_or_directory_is_named(prepared, tmp_path):
     cfg, out = prepared
     cfg.data.path = str(tmp_path / "nope")

@@ -135,6 +135,10 @@ def test_valid_split_is_held_out_fixed_and_restarts_from_the_same_windows(data):
     cfg = config(a, valid_fraction=0.05)
     valid_a = [rows(loader(cfg, split="valid").next_batch()) for _ in range(2)]
     assert valid_a[0] == valid_a[1]
+    once = loader(cfg, split="valid")  # the trainer builds it once and rewinds it at every eval
+    first = [rows(once.next_batch()) for _ in range(2)]
+    once.rewind()
+    assert [rows(once.next_batch()) for _ in range(2)] == first and first[0] == valid_a[0]
     train, valid = all_windows(a, "train", 0.05), all_windows(a, "valid", 0.05)
     assert not train & valid and set(valid_a[0]) <= valid
     info = run_check_data(cfg)

@@ -148,7 +148,7 @@ def test_rerun_replaces_a_prepared_dir_but_never_a_foreign_one(tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     cfg.prepare.output = str(foreign)
-    with pytest.raises(DataError, match="exists and is not a prepared dataset"):
+    with pytest.raises(DataError, match="exists and is not a megatrain prepared dataset"):
         run_prepare(cfg)
     assert (foreign / "notes.txt").read_text() == "keep me"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
@@ -173,3 +173,19 @@ def test_tokens_in_shards_equal_a_direct_encoding(tmp_path):
     out = run_prepare(config(tmp_path, str(tmp_path / "in.jsonl"), format="jsonl"))
     tok = load_tokenizer(str(out))
     assert [np.asarray(d[:-1]).tolist() for d in read_docs(out)] == [tok.encode(d).ids for d in docs]
+
+
+def test_long_documents_split_at_whitespace_tokenize_as_the_whole(tmp_path):
+    from megatrain.data.preprocess import split_document, splits_exactly
+
+    rng = random.Random(1)
+    text = "".join(rng.choice(WORDS) + rng.choice([" ", "  ", "\n", " \n\t", ". ", "\n\n"]) for _ in range(3000))
+    (tmp_path / "a.txt").write_text(text)
+    tok = load_tokenizer(str(run_prepare(config(tmp_path, str(tmp_path / "a.txt"))) / "tokenizer.json"))
+    pieces, at_whitespace = split_document(text, limit=200)
+    assert at_whitespace and len(pieces) > 50 and "".join(pieces) == text and max(map(len, pieces)) <= 200
+    assert splits_exactly(tok)
+    assert [i for p in pieces for i in tok.encode(p, add_special_tokens=False).ids] == tok.encode(
+        text, add_special_tokens=False).ids
+    hard, at_whitespace = split_document("x" * 450, limit=200)  # no whitespace: cut hard, and said so
+    assert [len(p) for p in hard] == [200, 200, 50] and not at_whitespace

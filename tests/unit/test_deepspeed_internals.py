@@ -39,15 +39,17 @@ def probe_internals(rank: int) -> dict:
     module = ds.staged_pipeline_module()([LayerSpec(torch.nn.Linear, 4, 4) for _ in range(3)], [0, 2],
                                          topology=PipeModelDataParallelTopology(num_pp=1, num_mp=1, num_dp=1))
     out["pipeline_layers_built"] = len(module.forward_funcs)
-    for zero, precision in ((0, "fp32"), (0, "bf16"), (1, "bf16"), (3, "bf16")):
-        cfg = make_config(train=dict(precision=precision, micro_batch_size=2, seq_len=16),
+    # ZeRO-0 in bf16 exists with bf16 gradients only; ZeRO-1 with fp32 ones is DeepSpeed's BF16_Optimizer.
+    for zero, precision, grads in ((0, "fp32", "fp32"), (0, "bf16", "bf16"), (1, "bf16", "fp32"),
+                                   (1, "bf16", "bf16"), (3, "bf16", "fp32")):
+        cfg = make_config(train=dict(precision=precision, grad_reduce_dtype=grads, micro_batch_size=2, seq_len=16),
                           parallel=dict(zero_stage=zero))
         engine = _engine(cfg)
         params = list(engine.module.parameters())
         masters = ds.master_partitions(engine)
         ds.relink_optimizer_state(engine)
         ds.set_step_counters(engine, 7)
-        out[f"zero{zero}_{precision}"] = {
+        out[f"zero{zero}_{precision}" + ("_bf16grads" if zero and grads == "bf16" else "")] = {
             "grad_norm": engine.get_global_grad_norm(),
             "base_is_torch": isinstance(ds.base_optimizer(engine), torch.optim.Optimizer),
             "master_numel": sum(q.numel() for q in masters),
@@ -76,7 +78,7 @@ def test_grad_norm_is_recorded_without_zero_and_bf16(probed):
     assert probed["zero0_fp32"]["grad_norm"] is not None and probed["zero0_fp32"]["grad_norm"] > 0
 
 
-@pytest.mark.parametrize("layout", ["zero0_fp32", "zero0_bf16", "zero1_bf16", "zero3_bf16"])
+@pytest.mark.parametrize("layout", ["zero0_fp32", "zero0_bf16", "zero1_bf16", "zero1_bf16_bf16grads", "zero3_bf16"])
 def test_optimizer_internals_reach_the_master_weights(probed, layout):
     got = probed[layout]
     assert got["base_is_torch"]
@@ -97,3 +99,28 @@ def test_a_missing_internal_names_the_deepspeed_version():
         ds.record_unsharded_grad_norm(NotAnEngine())
     with pytest.raises(ds.InternalChanged, match=f"tested with DeepSpeed {ds.TESTED}"):
         ds.base_optimizer(NotAnEngine())
+
+
+def test_checkpoint_files_load_weights_only_with_deepspeeds_types_and_nothing_else(tmp_path):
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    engine = SimpleNamespace(checkpoint_engine=SimpleNamespace(load=torch.load))  # as DeepSpeed's, unsafe
+    ds.load_checkpoints_weights_only(engine)
+    good = tmp_path / "optim.pt"
+    torch.save({"scaler": LossScaler(1.0), "stage": ZeroStageEnum.optimizer_states,
+                "address": fragment_address(numel=4, start=0), "t": torch.ones(2)}, good)
+    assert engine.checkpoint_engine.load(str(good))["stage"] == ZeroStageEnum.optimizer_states
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    torch.save({"x": Payload()}, tmp_path / "x.pt")
+    with pytest.raises(ds.UnsafeCheckpointFile, match="x.pt holds an object other than tensors.*io.open"):
+        engine.checkpoint_engine.load(str(tmp_path / "x.pt"))
+    assert not marker.exists()

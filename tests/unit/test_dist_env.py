@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from megatrain.engine.dist_env import DistEnv, expand_nodelist, export_dist_env, resolve_dist_env
+from megatrain.engine.dist_env import DistEnv, cuda_device_index, expand_nodelist, export_dist_env, resolve_dist_env
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "29400"}
 
@@ -114,3 +114,21 @@ def test_export_writes_torch_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     assert {k: os.environ[k] for k in TORCHRUN} == {
         "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu03", "MASTER_PORT": "32345"}
     assert resolve_dist_env().launcher == "torchrun"  # the exported set reads back consistently
+
+
+# (launcher environment, devices torch counts under its CUDA_VISIBLE_DEVICES, expected cuda index)
+@pytest.mark.parametrize("environ, visible, index", [
+    ({**TORCHRUN, "LOCAL_RANK": "5"}, 8, 5),  # torchrun on an 8-GPU node: every process sees all 8
+    (srun_env(SLURM_LOCALID="5", CUDA_VISIBLE_DEVICES="5"), 1, 0),  # srun --gpus-per-task=1: its GPU is cuda:0
+    (srun_env(SLURM_LOCALID="7"), 8, 7),  # srun, one task per GPU, every task sees the node's GPUs
+    (srun_env(SLURM_LOCALID="3", CUDA_VISIBLE_DEVICES="6,7"), 2, 1),  # --gpus-per-task=2: its second GPU
+    ({}, 1, 0),  # one process
+    ({"CUDA_VISIBLE_DEVICES": "2,3"}, 2, 0),  # one process, two GPUs let through: the first visible one
+], ids=["torchrun", "srun-gpus-per-task-1", "srun-all-visible", "srun-gpus-per-task-2", "single", "single-visible"])
+def test_the_cuda_device_is_the_local_rank_modulo_the_visible_devices(environ, visible, index) -> None:
+    assert cuda_device_index(resolve_dist_env(environ).local_rank, visible, environ) == index
+
+
+def test_no_visible_cuda_device_names_cuda_visible_devices() -> None:
+    with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES=''"):
+        cuda_device_index(0, 0, {"CUDA_VISIBLE_DEVICES": ""})

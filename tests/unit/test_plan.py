@@ -57,17 +57,21 @@ def test_pipeline_stages_split_blocks_and_put_embedding_first_and_head_last():
     assert per_stage[0] - per_stage[1] == cfg.model.vocab_size * cfg.model.d_model
 
 
-@pytest.mark.parametrize(("precision", "zero", "dp", "bytes_per_param"), [
-    ("bf16", 0, 4, 16),  # ZeRO paper: 2 + 2 + 12 bytes per parameter
-    ("bf16", 1, 4, 2 + (2 + 12) / 4),  # DeepSpeed keeps only the averaged gradient partition
-    ("bf16", 2, 4, 2 + (2 + 12) / 4),
-    ("bf16", 3, 4, 16 / 4),
-    ("fp32", 0, 4, 16),  # plain AdamW: weights, grads, m, v
-    ("fp32", 1, 4, 4 + (4 + 4 + 8) / 4),  # DeepSpeed's ZeRO keeps an fp32 master copy anyway
-    ("fp32", 3, 2, 20 / 2),
+@pytest.mark.parametrize(("precision", "grads", "zero", "dp", "bytes_per_param"), [
+    ("bf16", "bf16", 0, 4, 16),  # ZeRO paper: 2 + 2 + 12 bytes per parameter
+    ("bf16", "bf16", 1, 4, 2 + (2 + 12) / 4),  # DeepSpeed keeps only the averaged gradient partition
+    ("bf16", "bf16", 2, 4, 2 + (2 + 12) / 4),
+    ("bf16", "bf16", 3, 4, 16 / 4),
+    ("bf16", "fp32", 1, 4, 2 + 2 + 4 + 12 / 4),  # BF16_Optimizer: bf16 grads and a full fp32 copy
+    ("bf16", "fp32", 2, 4, 2 + (4 + 12) / 4),  # fp32 gradient partitions
+    ("bf16", "fp32", 3, 4, (2 + 4 + 12) / 4),
+    ("fp32", "fp32", 0, 4, 16),  # plain AdamW: weights, grads, m, v
+    ("fp32", "fp32", 1, 4, 4 + (4 + 4 + 8) / 4),  # DeepSpeed's ZeRO keeps an fp32 master copy anyway
+    ("fp32", "fp32", 3, 2, 20 / 2),
 ])
-def test_model_state_bytes_follow_zero_stage_and_precision(precision, zero, dp, bytes_per_param):
-    cfg = preset("llama-7b", f"parallel.zero_stage={zero}", f"train.precision={precision}", f"plan.num_gpus={dp}")
+def test_model_state_bytes_follow_zero_stage_and_precision(precision, grads, zero, dp, bytes_per_param):
+    cfg = preset("llama-7b", f"parallel.zero_stage={zero}", f"train.precision={precision}",
+                 f"train.grad_reduce_dtype={grads}", f"plan.num_gpus={dp}")
     p = plan(cfg)
     assert p.memory.model_states == pytest.approx(bytes_per_param * p.params.total)
 
@@ -119,7 +123,8 @@ def test_sequence_parallel_and_checkpointing_shrink_activations():
 
 def test_7b_does_not_fit_one_80gb_gpu_without_sharding_but_fits_eight_with_zero3():
     single = plan(preset("llama-7b", "train.seq_len=4096", "train.micro_batch_size=1"))
-    assert single.memory.model_states / GB == pytest.approx(16 * 6.738e9 / GB, rel=1e-3)
+    # ZeRO-1 on one GPU, fp32 gradients: bf16 weights and grads, their fp32 copy, fp32 master + Adam
+    assert single.memory.model_states / GB == pytest.approx((2 + 2 + 4 + 12) * 6.738e9 / GB, rel=1e-3)
     assert not single.fits
     sharded = plan(preset("llama-7b", "train.seq_len=4096", "train.micro_batch_size=1", "plan.num_gpus=8",
                           "parallel.zero_stage=3", "train.activation_checkpointing=full"))
@@ -181,3 +186,17 @@ def test_a_null_vocabulary_is_sized_from_the_data_as_training_sizes_it(tmp_path)
     assert planned.params.total == param_counts(replace(preset("tiny").model, vocab_size=512)).total  # 280 -> 2 x 256
     with pytest.raises(ConfigError, match="model.vocab_size is null .* give model.vocab_size=<n> to plan without"):
         plan(preset("tiny", f"data.path={tmp_path / 'none'}"))
+
+
+def test_pipeline_memory_is_planned_for_the_first_and_the_last_stage():
+    cfg = preset("llama-1b", "parallel.pp=4", "model.tie_embeddings=false", "train.micro_batch_size=1",
+                 "train.global_batch_size=8", "train.seq_len=4096", "parallel.zero_stage=1")
+    p = plan(cfg)
+    first, last = p.first_last_memory
+    assert p.stage_blocks == (5, 5, 5, 1)  # the head's FLOPs weigh one stage's worth of blocks
+    layer = layer_activation_bytes(cfg.model, 1, False, "bf16", "none")
+    assert first.activations == pytest.approx(4096 * 5 * 4 * layer)  # 1F1B: 4 micro batches in flight
+    head = sum(head_activation_bytes(cfg.model, 1, False, "bf16"))
+    assert last.activations == pytest.approx(4096 * (layer + head))  # one in flight, with the head and loss
+    assert first.weights / last.weights == pytest.approx(p.stage_params[0] / p.stage_params[-1])
+    assert p.memory == max(first, last, key=lambda m: m.total)

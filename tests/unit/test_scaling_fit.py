@@ -11,6 +11,7 @@ from scipy.optimize import minimize_scalar
 from megatrain.scaling.fit import (
     ParametricFit,
     Point,
+    PowerLaw,
     bootstrap,
     fit_approach1,
     fit_approach2,
@@ -85,7 +86,6 @@ def test_approach2_minimum_lies_near_the_true_optimum() -> None:
     fit = fit_approach2(isoflop_points(noise=0.0))
     for o in fit.optima:
         assert o["N"] == pytest.approx(CHINCHILLA.optimal(o["C"])[0], rel=0.15)
-        assert o["in_range"]
 
 
 def test_bootstrap_interval_brackets_the_true_exponent() -> None:
@@ -135,3 +135,47 @@ def test_non_convex_budgets_are_skipped_and_reported() -> None:
 def test_a_single_isoflop_budget_cannot_separate_n_and_d_in_approach3() -> None:
     with pytest.raises(ValueError, match="one line in \\(log N, log D\\)"):
         fit_approach3(isoflop_points(budgets=(1e19,)))
+
+
+def test_approach2_skips_a_budget_whose_minimum_is_not_bracketed() -> None:
+    # At 1e20 every swept size is above the optimum: the lowest loss sits at the smallest size.
+    points = isoflop_points(budgets=(1e18, 1e19))
+    n_opt = CHINCHILLA.optimal(1e20)[0]
+    for n in n_opt * np.geomspace(2, 30, 5):
+        points.append(Point(n, 1e20 / (6 * n), float(CHINCHILLA.loss(n, 1e20 / (6 * n))), budget=1e20))
+    fit = fit_approach2(points)
+    assert [o["C"] for o in fit.optima] == [pytest.approx(1e18), pytest.approx(1e19)]
+    assert "C=1e+20: lowest loss at the smallest swept size" in fit.skipped[0]
+    assert "not bracketed" in fit.skipped[0]
+
+
+def measured_points(law: ParametricFit, k: float, p: float, budgets=(1e18, 3e18, 1e19, 3e19, 1e20)) -> list[Point]:
+    """IsoFLOP runs whose true cost is C = k N^p D (attention, lm head), not 6ND, around each optimum."""
+    points = []
+    for c in budgets:
+        n_opt, _ = law.optimal(c)
+        for n in n_opt * np.geomspace(1 / 8, 8, 7):
+            d = c / (k * n**p)
+            points.append(Point(n, d, float(law.loss(n, d)), budget=c, flops=c))
+    return points
+
+
+def test_measured_flops_recover_the_allocation_under_the_true_cost() -> None:
+    # The true cost per token is 9 N^0.95, not 6N: the law's optimum moves and so do its exponents.
+    cost = (9.0, 0.95)
+    law = ParametricFit(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, objective=0.0,
+                        cost=PowerLaw(*cost))
+    points = measured_points(law, *cost)
+    fit = fit_approach3(points)
+    assert (fit.cost.coefficient, fit.cost.exponent) == (pytest.approx(9.0, rel=1e-6), pytest.approx(0.95))
+    assert fit.a == pytest.approx(0.28 / (0.34 + 0.95 * 0.28), abs=0.01)
+    n, d = fit.optimal(1e22)
+    assert 9.0 * n**0.95 * d == pytest.approx(1e22)
+    assert n == pytest.approx(law.optimal(1e22)[0], rel=0.1)
+    for fitter in (fit_approach1, fit_approach2):
+        alloc = fitter(points)
+        assert alloc.n_opt.exponent == pytest.approx(law.a, abs=0.04)
+        assert alloc.d_opt.exponent == pytest.approx(law.b, abs=0.04)
+    # The same runs priced at 6ND put the optimum of a true 1e22-FLOP budget 34% too small.
+    six = fit_approach3([Point(q.params, q.tokens, q.loss, q.budget) for q in points])
+    assert six.optimal(1e22)[0] < 0.7 * n

@@ -117,3 +117,23 @@ def test_callback_refits_after_each_job_and_tolerates_too_few_runs(tmp_path: Pat
     RefitCallback().on_job_end(config, done)
     assert "approach 3" in capsys.readouterr().out
     assert (tmp_path / "sweep" / "fit" / "approach3.json").exists()
+
+
+def test_measured_compute_is_read_from_the_runs_and_reported(tmp_path: Path) -> None:
+    from megatrain.scaling.report import format_results
+
+    fake_sweep(tmp_path / "sweep")
+    outcome = refit_and_log(tmp_path / "sweep", FitConfig(approach="3", bootstrap=0, compute="measured",
+                                                          params="total"),
+                            LoggingConfig(wandb_mode="disabled"), tmp_path / "fit")
+    both = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert both["compute"] == "measured" and both["params"] == "total"
+    cost = both["approaches"]["3"]["flops_per_token"]  # fake runs: flops = 6 N_non_embedding D = 5 N_total D
+    assert (cost["k"], cost["p"]) == (pytest.approx(5.0), pytest.approx(1.0))
+    assert "(N = total parameters, C = measured training FLOPs" in format_results(outcome)
+    (tmp_path / "sweep" / "runs" / "extra").mkdir()
+    (tmp_path / "sweep" / "runs" / "extra" / "summary.json").write_text(json.dumps(
+        {"params_total": 1e6, "params_non_embedding": 1e6, "tokens": 1e8, "final_eval_loss": 3.0}))
+    with pytest.raises(ValueError, match="fit.compute=measured: 1 run.*record no training FLOPs"):
+        refit_and_log(tmp_path / "sweep", FitConfig(approach="3", bootstrap=0, compute="measured"),
+                      LoggingConfig(wandb_mode="disabled"), tmp_path / "fit")

@@ -59,7 +59,7 @@ def test_points_outside_the_tokens_per_param_range_are_dropped(tmp_path: Path) -
 def test_written_points_compose_into_valid_training_configs(tmp_path: Path) -> None:
     cfg = sweep_config(tmp_path)
     points = plan(cfg)
-    argv = write_sweep(cfg, points, ["model=tiny", "train.seq_len=128", "model.d_model=999", "run.dir=x",
+    [argv] = write_sweep(cfg, points, ["model=tiny", "train.seq_len=128", "model.d_model=999", "run.dir=x",
                                      "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
                                      "hydra.run.dir=y"])
     assert f"+hydra.callbacks.scaling_refit._target_={CALLBACK}" in argv
@@ -110,3 +110,41 @@ def test_sweep_warns_when_it_cannot_mean_what_was_asked(tmp_path: Path) -> None:
     assert "epochs of the" in warnings and "runs repeat their data" in warnings
     cfg.data.path = str(tmp_path / "none")
     assert "is not a prepared dataset yet" in "\n".join(sweep_warnings(cfg, points))
+
+
+def test_a_wsd_sweep_trains_one_stable_run_per_shape_and_branches_the_rest(tmp_path: Path) -> None:
+    import yaml
+
+    from megatrain.config import ConfigError, validate
+    from megatrain.scaling import wsd
+
+    cfg = sweep_config(tmp_path, wsd=True)
+    cfg.optim.schedule, cfg.train.global_batch_size = "wsd", 8
+    points = plan(cfg)
+    extra = wsd.point_configs(cfg, points, tmp_path / "sweep")
+    stable, branches = wsd.split(cfg, points)
+    assert len(stable) + len(branches) == len(points) and branches
+    for name, root in branches.items():
+        p = next(q for q in points if q.name == name)
+        assert p.tokens in extra[root.name]["train"]["cooldowns"] and p.steps < root.steps
+        fork = Path(extra[name]["train"]["fork_from"])
+        assert fork == tmp_path / "sweep" / "runs" / root.name / "cooldowns" / "checkpoints" / (
+            f"step_{cfg.optim.stable_steps(p.steps):08d}")
+    argvs = write_sweep(cfg, points, ["optim.schedule=wsd"], extra)
+    assert len(argvs) == 2 and argvs[0][-1] == "+scaling_point=" + ",".join(p.name for p in stable)
+    assert len((tmp_path / "sweep" / "command.sh").read_text().splitlines()) == 4  # sh, set -e, two multiruns
+    for p in points:  # every point, stable or branch, is a valid run
+        body = yaml.safe_load((tmp_path / "sweep" / "conf" / "scaling_point" / f"{p.name}.yaml").read_text())
+        run = sweep_config(tmp_path)
+        run.optim.schedule, run.train.global_batch_size = "wsd", 8
+        run.train.steps = body["train"]["steps"]
+        run.train.cooldowns = body["train"].get("cooldowns", [])
+        run.train.fork_from = body["train"].get("fork_from")
+        run.optim.resume_schedule = body.get("optim", {}).get("resume_schedule", "keep")
+        validate(run, 1)
+    spent, independent = wsd.cost(cfg, points)
+    assert spent < independent and spent == pytest.approx(sum(p.flops for p in stable) + sum(
+        p.flops * (p.steps - cfg.optim.stable_steps(p.steps)) / p.steps for p in points if p.name in branches))
+    cfg.optim.schedule = "cosine"
+    with pytest.raises(ConfigError, match="sweep.wsd=true needs optim.schedule=wsd"):
+        wsd.split(cfg, points)

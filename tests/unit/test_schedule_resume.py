@@ -51,3 +51,11 @@ def test_same_length_or_a_constant_schedule_changes_nothing():
     assert on_resume(_resumed(100, 100, 50, OPTIM), OPTIM, 100) is None
     constant = OptimConfig(lr=1e-3, warmup_steps=2, schedule="constant")
     assert on_resume(_resumed(100, 300, 50, constant), constant, 300) is None
+
+
+def test_wsd_is_the_same_schedule_for_every_length_until_its_decay():
+    optim = OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=5, schedule="wsd", decay_fraction=0.2)
+    short, long = [lr_at(s, optim, 100) for s in range(100)], [lr_at(s, optim, 400) for s in range(400)]
+    assert optim.stable_steps(100) == 80 and short[:80] == long[:80]
+    assert short[4] == long[79] == 1e-2 and short[80] < 1e-2
+    assert short[-1] == pytest.approx(1e-3) and all(a > b for a, b in zip(short[80:], short[81:]))
