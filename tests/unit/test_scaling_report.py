@@ -89,7 +89,7 @@ def test_cli_fits_a_csv_and_reports_the_budget_allocation(tmp_path: Path) -> Non
 def test_console_summary_names_each_approach_once_and_prints_float_noise_as_0() -> None:
     result = {"a": 0.5, "b": 0.5, "ci": {"a": [7.14e-17, 0.61], "N_opt": [1e8, 2e9]},
               "optimal": {"C": 1e20, "N": 1e9, "D": 2e10, "tokens_per_param": 20.0}}
-    text = format_results({"output": "fit", "results": {1: result},
+    text = format_results({"output": "fit", "basis": "N = non-embedding", "results": {1: result},
                            "errors": {2: "approach 2 needs 2 or more IsoFLOP budgets", 3: "too few runs"}})
     assert "a=0.500 [0, 0.61]" in text and "e-17" not in text
     assert "not fitted: approach 2 needs 2 or more IsoFLOP budgets" in text and "approach 2: approach 2" not in text
