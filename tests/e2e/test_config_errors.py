@@ -72,7 +72,7 @@ def test_resume_from_a_non_checkpoint_is_refused_by_name(tiny_data, tmp_path):
     not_checkpoint.mkdir()
     wrong_meta.mkdir()
     (wrong_meta / "meta.json").write_text("[1, 2]")  # valid JSON of the wrong type
-    for path, why in ((not_checkpoint, "no meta.json"), (wrong_meta, "meta.json is not a checkpoint record")):
+    for path, why in ((not_checkpoint, "no meta.json"), (wrong_meta, "meta.json is unreadable")):
         result = cli("launcher.train", *TRAIN, f"run.dir={tmp_path / 'run'}", f"data.path={tiny_data}",
                      f"train.resume={path}")
         _one_line_error(result, f"train.resume={path} is not a checkpoint", why)
