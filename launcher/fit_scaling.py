@@ -3,9 +3,7 @@ fit.approach=1|2|3|all fit.output=<dir> fit.budget=<FLOPs> : Chinchilla scaling-
 
 from __future__ import annotations
 
-import sys
-
-from launcher.common import hydra_main
+from launcher.common import fail, hydra_main
 from megatrain.config import ConfigError, to_config
 from megatrain.scaling.report import run
 
@@ -17,7 +15,7 @@ def task(cfg) -> None:
     except ConfigError:
         raise
     except ValueError as e:  # bad inputs: a clear message, not a traceback
-        sys.exit(f"fit_scaling: {e}")
+        fail(f"fit_scaling: {e}")
 
 
 main = hydra_main(task)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
-from launcher.common import hydra_main
+from launcher.common import fail, hydra_main
 from megatrain.config import to_config
 from megatrain.scaling import wsd
 from megatrain.scaling.predict import format_verification, run_verification
@@ -25,7 +25,7 @@ def task(cfg) -> None:
     try:
         points = plan(config)
     except ValueError as e:
-        sys.exit(f"sweep: {e}")
+        fail(f"sweep: {e}")
     # sweep.wsd: stable runs and the cooldown branches that fork from them (a ConfigError exits 2)
     extra = wsd.point_configs(config, points, Path(config.sweep.dir).resolve()) if config.sweep.wsd else None
     argvs = write_sweep(config, points, [*overrides.hydra, *overrides.task], extra)

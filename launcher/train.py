@@ -4,14 +4,18 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.common import hydra_main
+from launcher.common import EXIT_DISK_FULL, fail, hydra_main
 from megatrain.config import to_config
 
 
 def _train(cfg: DictConfig) -> None:
+    from megatrain.engine.run_dir import DiskFull
     from megatrain.engine.trainer import train  # heavy imports after Hydra has checked the config
 
-    code = train(to_config(cfg), OmegaConf.to_container(cfg, resolve=True))
+    try:
+        code = train(to_config(cfg), OmegaConf.to_container(cfg, resolve=True))
+    except DiskFull as err:  # whichever rank ran out of space says so
+        fail(str(err), EXIT_DISK_FULL, every_rank=True)
     if code:
         sys.exit(code)
 

@@ -415,6 +415,26 @@ def validate_model(model: ModelConfig, tp: int = 1) -> None:
                               f"tensor parallelism splits it evenly across ranks")
 
 
+def validate_optim(optim: OptimConfig) -> None:
+    if not (math.isfinite(optim.lr) and optim.lr > 0):
+        raise ConfigError(f"optim.lr={optim.lr} must be a finite number > 0")
+    if not (math.isfinite(optim.min_lr) and optim.min_lr >= 0):
+        raise ConfigError(f"optim.min_lr={optim.min_lr} must be a finite number >= 0")
+    if optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps={optim.warmup_steps} must be >= 0")
+
+
+def validate_plan(plan: PlanConfig) -> None:
+    """The planner's hardware keys: counts and sizes of real GPUs."""
+    if plan.num_gpus is not None and plan.num_gpus <= 0:
+        raise ConfigError(f"plan.num_gpus={plan.num_gpus} must be positive, or null (parallel.tp x parallel.pp)")
+    for key in ("gpu_memory_gb", "gpus_per_node", "top", "intra_node_gbps", "inter_node_gbps"):
+        if not getattr(plan, key) > 0:
+            raise ConfigError(f"plan.{key}={getattr(plan, key)} must be positive")
+    if not 0 < plan.mfu <= 1:
+        raise ConfigError(f"plan.mfu={plan.mfu} must be in (0, 1]")
+
+
 def _validate_cooldowns(cfg: Config) -> None:
     optim, train = cfg.optim, cfg.train
     if not 0.0 < optim.decay_fraction < 1.0:
@@ -495,6 +515,16 @@ def validate(cfg: Config, world_size: int) -> Layout:
     for key in ("steps", "micro_batch_size", "seq_len", "log_interval", "portable_every", "signal_check_interval"):
         if getattr(train, key) <= 0:
             raise ConfigError(f"train.{key}={getattr(train, key)} must be positive")
+    for key in ("eval_interval", "save_interval"):
+        if getattr(train, key) < 0:
+            raise ConfigError(f"train.{key}={getattr(train, key)} must be >= 0 (0: off)")
+    if train.eval_interval and train.eval_steps <= 0:
+        raise ConfigError(f"train.eval_steps={train.eval_steps} must be positive when eval is on "
+                          f"(train.eval_interval={train.eval_interval}); train.eval_interval=0 turns eval off")
+    if train.global_batch_size is not None and train.global_batch_size <= 0:
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} must be positive, or null "
+                          "(micro_batch_size x DP)")
+    validate_optim(cfg.optim)
     if cfg.observe.peak_tflops is not None and cfg.observe.peak_tflops <= 0:
         raise ConfigError(f"observe.peak_tflops={cfg.observe.peak_tflops} must be positive (TFLOP/s per device)")
     dp = world_size // model_parallel

@@ -31,6 +31,7 @@ from megatrain.config import (
     padded_vocab_size,
     to_config,
     validate,
+    validate_plan,
 )
 from megatrain.data.errors import DataError
 from megatrain.data.manifest import vocab_from_data
@@ -283,6 +284,7 @@ def with_vocab(cfg: Config) -> Config:
 def plan(cfg: Config, world_size: int | None = None) -> Plan:
     """The plan of `cfg` as configured, on `world_size` ranks (default: plan.num_gpus or tp x pp)."""
     cfg = with_vocab(to_config(cfg))
+    validate_plan(cfg.plan)
     train = cfg.train
     world = world_size or cfg.plan.num_gpus or cfg.parallel.tp * cfg.parallel.pp
     layout = validate(cfg, world)
@@ -323,6 +325,7 @@ def search(cfg: Config, num_gpus: int | None = None) -> list[Plan]:
     Sequence parallelism is on whenever TP > 1 (same traffic, less activation memory).
     """
     cfg = to_config(cfg)
+    validate_plan(cfg.plan)
     n = num_gpus or cfg.plan.num_gpus or cfg.parallel.tp * cfg.parallel.pp
     global_batch = cfg.train.global_batch_size or cfg.train.micro_batch_size * n
     found = []

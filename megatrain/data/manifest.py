@@ -31,10 +31,31 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the new one, never a part."""
     part = path.with_name(path.name + ".part")
-    part.write_text(json.dumps(obj, indent=2) + "\n")
+    part.write_text(text)
     os.replace(part, path)
+
+
+def _umask() -> int:
+    try:  # read without setting it: os.umask() changes it for every thread for a moment
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def with_umask_mode(path: str | Path) -> None:
+    """Give a file the mode `open()` would (0666 minus the umask): tempfile.mkstemp and safetensors create
+    0600, which colleagues on a shared filesystem cannot read."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def is_prepared_dataset(directory: Path) -> bool:

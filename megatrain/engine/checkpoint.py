@@ -339,6 +339,8 @@ def verify(path: Path, rank: int = 0, world: int = 1) -> str | None:
         files = meta["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         return f"{META} is unreadable ({err})"
+    if not isinstance(files, dict):
+        return f"{META} is not a checkpoint record (an object with 'files')"
     if not meta.get("digest"):
         log.warning("checkpoint %s records no content digests (saved by an older megatrain): sizes checked only", path)
     for name in sorted(files)[rank::world]:

@@ -12,15 +12,24 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
-from megatrain.config import Config, ConfigError, config_warnings, validate
+from megatrain.config import Config, config_warnings, validate
 from megatrain.data.dataset import TokenLoader, build_loader, check_data, load_tokenizer
 from megatrain.data.manifest import vocab_from_data
 from megatrain.engine.build import build_engine, init_distributed, pick_device, resolve_precision
 from megatrain.engine.checkpoint import Checkpointer, RunContext
 from megatrain.engine.dist_env import export_dist_env, resolve_dist_env
 from megatrain.engine.memory_check import check_memory
+from megatrain.engine.run_dir import (
+    check_same_model,
+    check_save_failure,
+    lock_run_dir,
+    release_run_dir,
+    reset_metrics,
+    resume_point,
+    run_dir_of,
+    write_config,
+)
 from megatrain.engine.schedule import on_resume
 from megatrain.engine.step import eval_loss, train_step
 from megatrain.observe.logger import MetricsLogger, setup_console_logging
@@ -50,34 +59,16 @@ class Preemption:
         # Only a flag: a second signal during the save cannot interrupt it.
         self.requested = True
 
+    def ignore_from_now(self) -> None:
+        """After the save on a signal: the exit is 75 whatever arrives during the teardown (was 143)."""
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+
     def agreed(self) -> bool:
         """All ranks stop at the same step if any rank was signalled (collective)."""
         flag = torch.tensor([float(self.requested)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.numpy()[0])  # a host tensor: no device read
-
-
-def prepare_run_dir(cfg: Config, raw: dict[str, Any], rank: int) -> Path:
-    """Create run.dir; refuse to mix a run into a directory that holds a different model."""
-    run_dir = Path(cfg.run.dir)
-    saved = run_dir / "config.yaml"
-    if saved.exists() and cfg.train.resume != "none":
-        before = OmegaConf.load(saved).get("model")
-        if before is not None and OmegaConf.to_container(before) != raw["model"]:
-            raise ConfigError(f"{saved} was written for another model ({dict(before)}); "
-                              f"use a new run.dir or the same model.* keys")
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(OmegaConf.to_yaml(OmegaConf.create(raw)))
-    return run_dir
-
-
-def _drop_rows_after(metrics: Path, step: int) -> None:
-    """On resume, rows logged after the checkpoint belong to work that is redone: remove them."""
-    if not metrics.exists():
-        return
-    rows = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    metrics.write_text("".join(r + "\n" for r in rows))
 
 
 def evaluate(engine, cfg: Config, mesh: Mesh, device: torch.device, loader: TokenLoader) -> float:
@@ -99,6 +90,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         log.warning("train.precision=bf16 on a CPU without bf16 instructions (AVX512-BF16 / AMX): bf16 matmuls are "
                     "emulated, far slower than fp32 here; train.precision=auto picks fp32 on such a CPU")
     layout = validate(cfg, env.world_size)
+    run_dir = run_dir_of(cfg)
     for warning in config_warnings(cfg) if env.rank == 0 else ():
         log.warning("%s", warning)
     if cfg.model.vocab_size is None:  # sized from the data's tokenizer, padded: divisible by TP
@@ -112,7 +104,18 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     data = check_data(cfg.data, cfg.tokenizer, seq_len=cfg.train.seq_len, model_vocab_size=cfg.model.vocab_size,
                       batch=layout.micro_batch_size * layout.dp, evaluate=cfg.train.eval_interval > 0,
                       hash_shards=env.rank == 0)
-    run_dir = prepare_run_dir(cfg, raw, env.rank)
+    start = resume_point(cfg, run_dir, env.rank)  # read-only, and the same on every rank
+    if start.path is not None and env.rank == 0:
+        check_same_model(run_dir, raw)
+    if start.step >= cfg.train.steps:  # every rank returns here: no process group waits for a missing rank
+        if env.rank == 0:
+            log.info("run.dir=%s is finished: %s is at step %d of train.steps=%d; nothing to train (raise "
+                     "train.steps to continue it)", run_dir, start.path, start.step, cfg.train.steps)
+        return 0
+    lock = lock_run_dir(run_dir) if env.rank == 0 else None
+    if env.rank == 0:  # every check has passed: only now does the run write into run.dir
+        reset_metrics(run_dir, start.step)
+        write_config(run_dir, raw)
 
     init_distributed(device)
     mesh = Mesh.build(layout)
@@ -133,7 +136,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
                   for d in cfg.train.cooldowns}
     forks = Checkpointer(run_dir / "cooldowns", 0, env.rank, checkpointer.context) if fork_steps else None
     step, tokens = 0, 0
-    resume_from = _resume_path(cfg, checkpointer)
+    resume_from = start.path
     if resume_from is not None:
         state = checkpointer.load(engine, resume_from)
         step, tokens = state["step"], state["tokens"]
@@ -141,8 +144,6 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         if change and env.rank == 0:
             log.warning("%s", change)
         loader.load_state_dict(state["data"])
-        if env.rank == 0:
-            _drop_rows_after(run_dir / "metrics.jsonl", step)
         log.info("resumed from %s at step %d (%d tokens)", resume_from, step, tokens)
     elif cfg.train.init_from:
         checkpointer.init_from(engine, cfg.train.init_from)
@@ -187,8 +188,14 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         every, interval = cfg.train.portable_every, cfg.train.save_interval
         portable = final or every == 1 or (interval > 0 and step % (interval * every) == 0)
         start = time.perf_counter()
-        path = checkpointer.save(engine, step, {"step": step, "tokens": tokens, "data": loader.state_dict()},
-                                 with_portable=portable)
+        try:
+            path = checkpointer.save(engine, step, {"step": step, "tokens": tokens, "data": loader.state_dict()},
+                                     with_portable=portable)
+        except (OSError, RuntimeError) as err:  # torch reports a full disk as "unexpected pos" or an iostream error
+            full = check_save_failure(err, checkpointer.root, step, env.rank)
+            if full is None:
+                raise
+            raise full from err
         metrics.note(f"saved step {step} to {path} in {time.perf_counter() - start:.1f} s"
                      + ("" if portable else " (no portable copy: train.portable_every)"))
 
@@ -234,6 +241,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
             with window.excluded(device):
                 save(final=step == cfg.train.steps and not preempted)
         if preempted:
+            preemption.ignore_from_now()
             log.info("signal received: saved step %d, exiting with %d for requeue", step, EXIT_PREEMPTED)
             exit_code = EXIT_PREEMPTED
             break
@@ -257,21 +265,8 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         profiler.stop()
     metrics.close()
     dist.barrier()
+    release_run_dir(lock)
     return exit_code
-
-
-def _resume_path(cfg: Config, checkpointer: Checkpointer) -> Path | None:
-    if cfg.train.resume == "none":
-        if checkpointer.complete():
-            raise ConfigError(f"run.dir={cfg.run.dir} already holds checkpoints and train.resume=none; "
-                              "use train.resume=auto to continue it, or a new run.dir")
-        return None
-    if cfg.train.resume == "auto":  # a cooldown branch forks until it has a checkpoint of its own
-        return checkpointer.find_latest() or (Path(cfg.train.fork_from) if cfg.train.fork_from else None)
-    path = Path(cfg.train.resume)
-    if not path.is_dir():
-        raise ConfigError(f"train.resume={cfg.train.resume}: no such checkpoint directory")
-    return path
 
 
 def _grad_norm(engine) -> float:

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatrain.config import ModelConfig
+from megatrain.data.manifest import with_umask_mode
 from megatrain.export.portable_format import DIR, TOKENIZER, PortableCheckpoint
 
 log = logging.getLogger("megatrain")
@@ -183,6 +184,7 @@ def export_checkpoint(checkpoint: Path, output: Path, dtype: str = "float32") ->
     state = {k: v.to(DTYPES[dtype]) for k, v in to_hf(m, source.weights()).items()}
     output.mkdir(parents=True, exist_ok=True)
     save_file(state, str(output / "model.safetensors"), metadata={"format": "pt"})
+    with_umask_mode(output / "model.safetensors")  # safetensors creates 0600
     config = hf_config(m, eos_id)
     config.dtype = dtype
     config.save_pretrained(output)

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatrain.config import ModelConfig
+from megatrain.data.manifest import with_umask_mode
 
 DIR = "portable"
 STATE = "state.json"
@@ -42,7 +43,9 @@ def write_shard(directory: Path, pp_rank: int, tp_rank: int, tp: int, tensors: d
     """One (PP stage, TP rank) file: its tensors and, per parameter, the dim TP splits (None: replicated)."""
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"tp_dims": json.dumps(tp_dims), "tp": str(tp), "tp_rank": str(tp_rank)}
-    save_file(tensors, str(directory / f"pp{pp_rank:03d}-tp{tp_rank:03d}.safetensors"), metadata=meta)
+    path = directory / f"pp{pp_rank:03d}-tp{tp_rank:03d}.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    with_umask_mode(path)  # safetensors creates 0600
 
 
 class PortableCheckpoint:

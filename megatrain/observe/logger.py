@@ -21,8 +21,9 @@ log = logging.getLogger("megatrain")
 
 
 def setup_console_logging(rank: int) -> None:
-    """INFO on rank 0, warnings only elsewhere; DeepSpeed's chatter down to warnings."""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+    """INFO on rank 0, errors only elsewhere (every rank would repeat rank 0's warnings); DeepSpeed's chatter
+    down to warnings."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
                         format="[%(asctime)s megatrain] %(message)s", datefmt="%H:%M:%S", force=True)
     for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megatrain.config import Config, FitConfig, LoggingConfig
+from megatrain.data.manifest import with_umask_mode
 from megatrain.scaling import data_constrained, hparams
 from megatrain.scaling import fit as fitting
 from megatrain.scaling.collect import collect
@@ -84,8 +85,8 @@ def fit_all(points: Sequence[Point], fit_cfg: FitConfig) -> tuple[dict, dict, di
                 raise
             errors[k] = str(e)
     if not fits:
-        reasons = "\n".join(f"  approach {k}: {e}" for k, e in errors.items())
-        raise ValueError(f"no approach could be fitted:\n{reasons}")
+        reasons = "; ".join(_reason(k, e) for k, e in errors.items())
+        raise ValueError(f"no approach could be fitted: {reasons}")
     return fits, results, errors
 
 
@@ -94,6 +95,7 @@ def _write_json(path: Path, obj: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, default=float)
+    with_umask_mode(tmp)
     os.replace(tmp, path)
 
 
@@ -103,6 +105,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
+    with_umask_mode(tmp)
     os.replace(tmp, path)
 
 
@@ -268,8 +271,11 @@ def format_results(outcome: dict) -> str:
     for k, r in outcome["results"].items():
         o, ci = r["optimal"], r.get("ci", {})
 
-        def span(key: str, ci: dict = ci) -> str:
-            return f" [{ci[key][0]:.3g}, {ci[key][1]:.3g}]" if key in ci else ""
+        def span(key: str, ci: dict = ci, r: dict = r, o: dict = o) -> str:
+            if key not in ci:
+                return ""
+            scale = abs(r[key] if key in r else o[key.removesuffix("_opt")])  # the estimate the interval is around
+            return f" [{_num(ci[key][0], scale)}, {_num(ci[key][1], scale)}]"
 
         law = (f"E={r['E']:.3f} A={r['A']:.4g} B={r['B']:.4g} alpha={r['alpha']:.3f}{span('alpha')} "
                f"beta={r['beta']:.3f}{span('beta')} " if k == 3 else "")
@@ -277,8 +283,18 @@ def format_results(outcome: dict) -> str:
                      f"C={o['C']:.3g}: N_opt={o['N']:.4g}{span('N_opt')} D_opt={o['D']:.4g}{span('D_opt')} "
                      f"D/N={o['tokens_per_param']:.3g}")
         lines += [f"warning: approach {k}: budget skipped: {s}" for s in r.get("skipped", [])]
-    lines += [f"approach {k}: not fitted: {e}" for k, e in outcome["errors"].items()]
+    lines += [f"not fitted: {_reason(k, e)}" for k, e in outcome["errors"].items()]
     return "\n".join(lines)
+
+
+def _reason(approach: int, error: str) -> str:
+    """`approach k: <why>`, once: most fit errors already name their approach."""
+    return error if error.startswith(f"approach {approach}") else f"approach {approach}: {error}"
+
+
+def _num(x: float, scale: float) -> str:
+    """x to 3 significant digits; 0 when it is float noise next to `scale` (a bound of 7e-17 around 0.3)."""
+    return "0" if abs(x) <= 1e-12 * max(scale, 1.0) else f"{x:.3g}"
 
 
 def run(cfg: Config) -> dict:

@@ -3,6 +3,7 @@ a Hugging Face directory starts a run (`train.init_from`)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -94,6 +95,16 @@ def gpt2_export(tiny_data, tmp_path_factory) -> tuple[Path, Path]:
 
 def test_gpt2_style_checkpoint_exports_to_gpt2_with_the_same_logits(gpt2_export):
     _assert_same_logits(*gpt2_export, "GPT2LMHeadModel")
+
+
+def test_safetensors_files_get_the_users_umask_not_0600(gpt2_export):
+    mask = os.umask(0o022)  # read the umask the fixture's processes inherited
+    os.umask(mask)
+    if mask & 0o044:
+        pytest.skip(f"umask {mask:03o} hides files from others anyway; run under umask 022")
+    checkpoint, out = gpt2_export
+    files = [out / "model.safetensors", *(checkpoint / "portable").glob("*.safetensors")]
+    assert len(files) >= 2 and {oct(f.stat().st_mode & 0o777) for f in files} == {oct(0o666 & ~mask)}
 
 
 def test_init_from_a_hugging_face_directory_starts_from_its_weights(gpt2_export, tiny_data, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from omegaconf import OmegaConf
 
 from megatrain.config import FitConfig, LoggingConfig
 from megatrain.scaling.callback import RefitCallback
-from megatrain.scaling.report import refit_and_log
+from megatrain.scaling.report import format_results, refit_and_log
 
 LAW = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 
@@ -77,9 +78,22 @@ def test_cli_fits_a_csv_and_reports_the_budget_allocation(tmp_path: Path) -> Non
     out = subprocess.run([sys.executable, "-m", "launcher.fit_scaling", f"fit.input=[{tmp_path / 'law.csv'}]",
                           "fit.approach=3", f"fit.output={tmp_path / 'out'}", "fit.budget=1e21",
                           "fit.bootstrap=0", "logging.wandb_mode=disabled"],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, preexec_fn=lambda: os.umask(0o022))
     assert "approach 3: E=" in out.stdout and "C=1e+21: N_opt=" in out.stdout
     assert sorted(p.name for p in (tmp_path / "out").glob("approach*.json")) == ["approach3.json"]
+    # results are for colleagues too: the user's umask, not mkstemp's 0600
+    written = [*(tmp_path / "out").glob("*.json"), *(tmp_path / "out").glob("*.csv")]
+    assert written and {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o644)}
+
+
+def test_console_summary_names_each_approach_once_and_prints_float_noise_as_0() -> None:
+    result = {"a": 0.5, "b": 0.5, "ci": {"a": [7.14e-17, 0.61], "N_opt": [1e8, 2e9]},
+              "optimal": {"C": 1e20, "N": 1e9, "D": 2e10, "tokens_per_param": 20.0}}
+    text = format_results({"output": "fit", "basis": "N = non-embedding", "results": {1: result},
+                           "errors": {2: "approach 2 needs 2 or more IsoFLOP budgets", 3: "too few runs"}})
+    assert "a=0.500 [0, 0.61]" in text and "e-17" not in text
+    assert "not fitted: approach 2 needs 2 or more IsoFLOP budgets" in text and "approach 2: approach 2" not in text
+    assert "not fitted: approach 3: too few runs" in text
 
 
 def test_cli_rejects_bad_losses_with_a_clear_message(tmp_path: Path) -> None:
