@@ -122,9 +122,11 @@ def _saved_layout(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, keep_last: int, rank: int, context: RunContext | None = None):
+    def __init__(self, run_dir: Path, keep_last: int, rank: int, context: RunContext | None = None,
+                 digests: bool = True):
+        """`digests=False` (before the process group, where every rank would read every file): sizes only."""
         self.root = run_dir / "checkpoints"
-        self.keep_last, self.rank, self.context = keep_last, rank, context
+        self.keep_last, self.rank, self.context, self.digests = keep_last, rank, context, digests
         self._verified: set[Path] = set()  # checked by find_latest: load does not read them again
 
     def _verify(self, path: Path) -> str | None:
@@ -132,12 +134,12 @@ class Checkpointer:
         read by one rank, once); every rank gets the same verdict: the first problem in file order."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world == 1:
-            problem = verify(path)
+            problem = verify(path, digests=self.digests)
         else:
             verdicts: list[Any] = [None] * world
-            dist.all_gather_object(verdicts, verify(path, self.rank, world))
+            dist.all_gather_object(verdicts, verify(path, self.rank, world, self.digests))
             problem = next((v for v in verdicts if v is not None), None)
-        if problem is None:
+        if problem is None and self.digests:
             self._verified.add(path)
         return problem
 
@@ -328,9 +330,10 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "digest": h.hexdigest()}
 
 
-def verify(path: Path, rank: int = 0, world: int = 1) -> str | None:
+def verify(path: Path, rank: int = 0, world: int = 1, digests: bool = True) -> str | None:
     """None if the checkpoint's files (those of `rank`'s share of `world`: every `world`-th in name order) are
-    present with the sizes and digests recorded at save time; else the first problem, naming the file."""
+    present with the sizes (and, `digests`, the digests) recorded at save time; else the first problem, naming
+    the file."""
     meta_file = path / META
     if not meta_file.exists():
         return f"no {META} (an interrupted save)"
@@ -341,7 +344,7 @@ def verify(path: Path, rank: int = 0, world: int = 1) -> str | None:
         return f"{META} is unreadable ({err})"
     if not isinstance(files, dict):
         return f"{META} is not a checkpoint record (an object with 'files')"
-    if not meta.get("digest"):
+    if digests and not meta.get("digest"):
         log.warning("checkpoint %s records no content digests (saved by an older megatrain): sizes checked only", path)
     for name in sorted(files)[rank::world]:
         record = files[name] if isinstance(files[name], dict) else {"bytes": files[name]}
@@ -351,7 +354,7 @@ def verify(path: Path, rank: int = 0, world: int = 1) -> str | None:
         size = f.stat().st_size
         if size != record["bytes"]:
             return f"{f} has {size} bytes, {record['bytes']} were written"
-        if "digest" in record:
+        if digests and "digest" in record:
             digest = file_record(f)["digest"]
             if digest != record["digest"]:
                 return (f"{f} is damaged: its {meta['digest']} digest is {digest[:16]}, {record['digest'][:16]} "

@@ -124,9 +124,10 @@ class ResumePoint:
     step: int = 0
 
 
-def resume_point(cfg: Config, run_dir: Path, rank: int) -> ResumePoint:
-    """Where this run starts, from the files alone (every rank finds the same one)."""
-    checkpointer = Checkpointer(run_dir, cfg.train.keep_last, rank)
+def resume_point(cfg: Config, run_dir: Path, rank: int, digests: bool = False) -> ResumePoint:
+    """Where this run starts, from the files alone (every rank finds the same one). Sizes only: the
+    digests are read once the process group is up, each file by one rank (Checkpointer.find_latest/load)."""
+    checkpointer = Checkpointer(run_dir, cfg.train.keep_last, rank, digests=digests)
     if cfg.train.resume == "none":
         if checkpointer.complete():
             raise ConfigError(f"run.dir={run_dir} already holds checkpoints and train.resume=none; "
@@ -136,7 +137,7 @@ def resume_point(cfg: Config, run_dir: Path, rank: int) -> ResumePoint:
         path = checkpointer.find_latest() or (Path(cfg.train.fork_from) if cfg.train.fork_from else None)
     else:
         path = Path(cfg.train.resume)
-        problem = verify(path) if path.is_dir() else "no such directory"
+        problem = verify(path, digests=False) if path.is_dir() else "no such directory"
         if problem is not None:
             raise ConfigError(f"train.resume={cfg.train.resume} is not a checkpoint ({problem}); give a "
                               f"checkpoints/step_NNNNNNNN directory, train.resume=auto or train.resume=none")
@@ -146,6 +147,9 @@ def resume_point(cfg: Config, run_dir: Path, rank: int) -> ResumePoint:
     if not isinstance(step, int):
         raise ConfigError(f"{path / META} records no step (an integer 'step'); resume from another checkpoint "
                           "with train.resume=<path>")
+    if step >= cfg.train.steps and cfg.train.resume == "auto" and verify(path) is not None:
+        # "finished" is said only of a checkpoint whose digests hold (a rare case: every rank reads it)
+        return resume_point(cfg, run_dir, rank, digests=True)
     return ResumePoint(path, step)
 
 

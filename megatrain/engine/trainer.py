@@ -137,6 +137,9 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     forks = Checkpointer(run_dir / "cooldowns", 0, env.rank, checkpointer.context) if fork_steps else None
     step, tokens = 0, 0
     resume_from = start.path
+    if resume_from is not None and cfg.train.resume == "auto" and resume_from.parent == checkpointer.root:
+        # its sizes were checked before the process group; now the digests, each file read by one rank
+        resume_from = checkpointer.find_latest() or (Path(cfg.train.fork_from) if cfg.train.fork_from else None)
     if resume_from is not None:
         state = checkpointer.load(engine, resume_from)
         step, tokens = state["step"], state["tokens"]
@@ -147,6 +150,8 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         log.info("resumed from %s at step %d (%d tokens)", resume_from, step, tokens)
     elif cfg.train.init_from:
         checkpointer.init_from(engine, cfg.train.init_from)
+    if env.rank == 0 and step != start.step:  # a damaged newest checkpoint: it resumed from an older one
+        reset_metrics(run_dir, step)
 
     if layout.pp > 1 and env.rank == 0:
         bubble = bubble_fraction(layout.pp, layout.grad_accum)
