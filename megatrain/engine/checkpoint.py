@@ -271,7 +271,8 @@ class Checkpointer:
             raise ConfigError(f"train.init_from={source}: {err}") from err
         portable.check_shapes(engine.module, run.mesh, {n: list(t.shape) for n, t in weights.items()}, source)
         for name, p in canonical_parameters(engine.module):
-            portable.set_parameter(p, portable.local_slice(weights[name], p, run.mesh))
+            master = None if deepspeed_internals.has_fp32_master(p) else deepspeed_internals.unlinked_master(engine, p)
+            portable.set_parameter(p, portable.local_slice(weights[name], p, run.mesh), master)
         log.info("initialised the model from %s", source)
 
 

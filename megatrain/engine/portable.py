@@ -31,13 +31,14 @@ from megatrain.parallel.mesh import Mesh
 log = logging.getLogger("megatrain")
 
 
-def full_value(p: torch.nn.Parameter, moment: str | None, base: torch.optim.Optimizer) -> torch.Tensor:
+def full_value(p: torch.nn.Parameter, moment: str | None, engine: Any) -> torch.Tensor:
     """This TP rank's whole fp32 tensor (master weight or moment). Collective over the DP group."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     value = safe_get_full_fp32_param(p) if moment is None else safe_get_full_optimizer_state(p, moment)
-    if value is None:  # ZeRO-0 in fp32: the torch optimizer updates the parameter itself
-        value = p if moment is None else base.state[p][moment]
+    if value is None:  # ZeRO-0: the torch optimizer updates the parameter itself or its unlinked fp32 copy
+        master = ds.unlinked_master(engine, p)
+        value = master if moment is None else ds.base_optimizer(engine).state[master][moment]
     return value.detach().float().cpu().reshape(ds.unpartitioned_shape(p)).clone()
 
 
@@ -50,7 +51,7 @@ def save(engine: Any, mesh: Mesh, directory: Path, *, step: int, model: ModelCon
     tensors: dict[str, torch.Tensor] = {}
     tp_dims: dict[str, int | None] = {}
     for name, p in canonical_parameters(engine.module):
-        values = {moment: full_value(p, moment, base) for moment in (None, *MOMENTS)}  # every DP rank gathers
+        values = {moment: full_value(p, moment, engine) for moment in (None, *MOMENTS)}  # every DP rank gathers
         if writer and (p.tp_dim is not None or mesh.tp_rank == 0):
             tensors.update({tensor_key(name, moment): v for moment, v in values.items()})
             tp_dims[name] = p.tp_dim
@@ -79,14 +80,17 @@ def local_slice(full: torch.Tensor, p: torch.nn.Parameter, mesh: Mesh) -> torch.
 
 
 @torch.no_grad()
-def set_parameter(p: torch.nn.Parameter, value: torch.Tensor) -> None:
-    """Set this TP rank's parameter everywhere it lives: model weight (any ZeRO stage) and fp32 master."""
+def set_parameter(p: torch.nn.Parameter, value: torch.Tensor, master: torch.Tensor | None = None) -> None:
+    """Set this TP rank's parameter everywhere it lives: model weight (any ZeRO stage) and fp32 master
+    (linked, or `master`: ZeRO-0's unlinked copy)."""
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param
 
     with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=ds.is_zero3_partitioned(p)):
         p.data.copy_(value.reshape(p.shape))
     safe_set_full_fp32_param(p, value.to(p.device))
+    if master is not None and master is not p:
+        master.copy_(value.reshape(master.shape))
 
 
 def check_shapes(module: torch.nn.Module, mesh: Mesh, shapes: dict[str, list[int]], source: str) -> None:
@@ -112,13 +116,14 @@ def load(engine: Any, mesh: Mesh, directory: Path) -> PortableCheckpoint:
     base = ds.base_optimizer(engine)
     _create_optimizer_state(engine, source.state["optimizer_step"])
     for name, p in canonical_parameters(engine.module):  # this stage's parameters, this TP rank's slices
-        set_parameter(p, source.local(name, None, p.tp_dim, mesh.tp, mesh.tp_rank))
+        master = None if ds.has_fp32_master(p) else ds.unlinked_master(engine, p)
+        set_parameter(p, source.local(name, None, p.tp_dim, mesh.tp, mesh.tp_rank), master)
         for moment in MOMENTS:
             value = source.local(name, moment, p.tp_dim, mesh.tp, mesh.tp_rank).to(p.device)
-            if ds.has_fp32_master(p):
+            if master is None:
                 safe_set_full_optimizer_state(p, value, moment)
-            else:  # ZeRO-0 in fp32: state keyed by the parameter itself
-                base.state[p][moment].copy_(value.reshape(p.shape))
+            else:  # ZeRO-0: state keyed by the parameter itself or its unlinked fp32 copy
+                base.state[master][moment].copy_(value.reshape(master.shape))
     engine.lr_scheduler.load_state_dict(source.state["scheduler"])
     for group, lr in zip(base.param_groups, engine.lr_scheduler.get_last_lr()):
         group["lr"] = lr  # the scheduler sets rates only when it steps; the next step needs this one

@@ -111,6 +111,22 @@ def has_fp32_master(p: torch.Tensor) -> bool:
     return is_zero3_partitioned(p) or hasattr(p, "_hp_mapping")
 
 
+def unlinked_master(engine: Any, p: torch.Tensor) -> torch.Tensor:
+    """The tensor the torch optimizer updates for a `p` without a linked fp32 master (not has_fp32_master):
+    ZeRO-0 in bf16 with bf16 gradients (FP16_UnfusedOptimizer) keeps fp32 copies in `fp32_groups`, aligned
+    with `fp16_groups`; ZeRO-0 in fp32 updates `p` itself."""
+    wrapper = engine.optimizer
+    if not hasattr(wrapper, "fp16_groups"):
+        return p
+    _require(hasattr(wrapper, "fp32_groups"), f"{type(wrapper).__name__}.fp32_groups (the fp32 masters)")
+    for low, high in zip(wrapper.fp16_groups, wrapper.fp32_groups):
+        for candidate, master in zip(low, high):
+            if candidate is p:
+                return master
+    _require(False, f"{type(wrapper).__name__}.fp16_groups holding every trained parameter")
+    return p
+
+
 def master_partitions(engine: Any) -> list[torch.Tensor]:
     """The fp32 tensors the torch optimizer keeps Adam state for.
 

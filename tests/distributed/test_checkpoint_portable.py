@@ -57,14 +57,13 @@ def load_then_continue(rank: int, cfg: Config, directory: str) -> dict:
     from megatrain.engine import portable
     from megatrain.export.portable_format import MOMENTS, PortableCheckpoint
     from megatrain.model.init import canonical_parameters
-    from megatrain.parallel.deepspeed_internals import base_optimizer
 
     engine, layout, mesh = _engine(cfg)
     state = portable.load(engine, mesh, Path(directory)).state
     source = PortableCheckpoint(Path(directory))
     # the restored master weights and moments are the saved ones, bit for bit
     mismatched = [name for name, p in canonical_parameters(engine.module) for m in (None, *MOMENTS)
-                  if not torch.equal(portable.full_value(p, m, base_optimizer(engine)),
+                  if not torch.equal(portable.full_value(p, m, engine),
                                      portable.local_slice(source.tensor(name, m), p, mesh))]
     lr = engine.get_lr()[0]
     return {"mismatched": mismatched, "lr": lr, "step": state["step"],
@@ -112,13 +111,12 @@ def load_slices(rank: int, cfg: Config, directory: str) -> dict:
     from megatrain.engine import portable
     from megatrain.export.portable_format import MOMENTS, PortableCheckpoint
     from megatrain.model.init import canonical_parameters
-    from megatrain.parallel.deepspeed_internals import base_optimizer
 
     engine, _, mesh = _engine(cfg)
     read = portable.load(engine, mesh, Path(directory))
     whole = PortableCheckpoint(Path(directory))
     mismatched = [name for name, p in canonical_parameters(engine.module) for m in (None, *MOMENTS)
-                  if not torch.equal(portable.full_value(p, m, base_optimizer(engine)),
+                  if not torch.equal(portable.full_value(p, m, engine),
                                      portable.local_slice(whole.tensor(name, m), p, mesh))]
     return {"bytes_read": read.bytes_read, "whole": whole.file_bytes(), "mismatched": mismatched}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -46,6 +47,20 @@ def test_resume_from_a_checkpoint_continues_with_identical_losses(tiny_data, tmp
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stderr + result.stdout
     assert losses(resumed) == {step: loss for step, loss in losses(straight).items() if step > 3}
+
+
+def test_bf16_zero0_with_bf16_gradients_saves_a_portable_copy_that_zero1_resumes(tiny_data, tmp_path):
+    # ZeRO-0 + bf16 gradients is DeepSpeed's FP16_UnfusedOptimizer: its fp32 masters are not linked to the
+    # parameters, so the portable copy must read (and a load write) them through the optimizer's own groups.
+    args = (*TRAIN, f"data.path={tiny_data}", "train.precision=bf16", "train.grad_reduce_dtype=bf16",
+            "train.eval_interval=0", "train.save_interval=2", f"run.dir={tmp_path / 'run'}")
+    first = cli("launcher.train", *args, "train.steps=2", "parallel.zero_stage=0")
+    assert first.returncode == 0, first.stderr
+    resumed = cli("launcher.train", *args, "train.steps=3", "parallel.zero_stage=1", "train.resume=auto",
+                  "train.memory_check=off")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "loading its portable copy" in resumed.stderr + resumed.stdout
+    assert math.isfinite(losses(tmp_path / "run")[3])
 
 
 LAYOUT_ARGS = (*TRAIN, "train.steps=4", "train.precision=fp32", "train.eval_interval=2", "train.save_interval=2")
