@@ -181,7 +181,14 @@ def export_checkpoint(checkpoint: Path, output: Path, dtype: str = "float32") ->
         tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token=eod, bos_token=eod,
                                             model_max_length=m.max_seq_len)
     eos_id = tokenizer.eos_token_id if tokenizer is not None and eod else None
-    state = {k: v.to(DTYPES[dtype]) for k, v in to_hf(m, source.weights()).items()}
+    weights = source.weights()
+    # A diverged run's weights would load and generate garbage: refuse them by name.
+    bad = [name for name, value in weights.items() if not torch.isfinite(value).all()]
+    if bad:
+        raise ValueError(f"checkpoint {checkpoint}: {len(bad)} of {len(weights)} weight tensors hold NaN or inf "
+                         f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}): the run diverged before this "
+                         "save; refusing to export it (export an earlier checkpoint with export.checkpoint=<path>)")
+    state = {k: v.to(DTYPES[dtype]) for k, v in to_hf(m, weights).items()}
     output.mkdir(parents=True, exist_ok=True)
     save_file(state, str(output / "model.safetensors"), metadata={"format": "pt"})
     with_umask_mode(output / "model.safetensors")  # safetensors creates 0600

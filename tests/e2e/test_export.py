@@ -179,6 +179,24 @@ def test_export_into_a_non_empty_dir_is_refused_unless_export_overwrite(gpt2_exp
     assert '"mine"' not in (out / "config.json").read_text() and (out / "model.safetensors").is_file()
 
 
+def test_export_refuses_non_finite_weights_naming_the_tensor_and_checkpoint(gpt2_export, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "diverged"
+    shutil.copytree(gpt2_export[0], checkpoint)
+    shard = next((checkpoint / "portable").glob("*.safetensors"))
+    with safe_open(str(shard), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["blocks.0.mlp.up.weight"][0, 0] = float("nan")
+    save_file(tensors, str(shard), metadata=meta)
+    out = tmp_path / "hf"
+    result = cli("launcher.export", f"export.checkpoint={checkpoint}", f"export.output={out}")
+    assert result.returncode == 2, result.stderr
+    assert "blocks.0.mlp.up.weight" in result.stderr and str(checkpoint) in result.stderr, result.stderr
+    assert "NaN or inf" in result.stderr and not out.exists()
+
+
 def test_init_from_a_directory_of_pickled_weights_is_refused_naming_the_file(gpt2_export, tiny_data, tmp_path):
     _, out = gpt2_export
     hostile = tmp_path / "hf"
