@@ -9,6 +9,7 @@ from megatrain.config import to_config
 
 
 def _train(cfg: DictConfig) -> None:
+    from megatrain.engine.divergence import EXIT_DIVERGED, Diverged
     from megatrain.engine.run_dir import DiskFull
     from megatrain.engine.trainer import train  # heavy imports after Hydra has checked the config
 
@@ -16,6 +17,8 @@ def _train(cfg: DictConfig) -> None:
         code = train(to_config(cfg), OmegaConf.to_container(cfg, resolve=True))
     except DiskFull as err:  # whichever rank ran out of space says so
         fail(str(err), EXIT_DISK_FULL, every_rank=True)
+    except Diverged as err:  # every rank agrees (a DP-mean loss, a global grad norm, an all-reduced flag)
+        fail(str(err), EXIT_DIVERGED)
     if code:
         sys.exit(code)
 

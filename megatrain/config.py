@@ -130,6 +130,14 @@ class TrainConfig:
     # Before the engine is built: the planner's peak per rank against the memory free per rank.
     # refuse: exit 2 naming the shortfall and layouts that fit | warn: log it and go on | off
     memory_check: str = "refuse"
+    # Divergence (engine/divergence.py), checked at log and save steps: a non-finite loss, grad norm or
+    # weight, or a logged loss over spike_factor x the mean of the last spike_window logged losses (0: off).
+    # stop: exit 65 naming the step and the last good checkpoint | rollback: reload that checkpoint, skip
+    # the diverged span's batches and go on, at most max_rollbacks times (then stop)
+    spike_factor: float = 10.0
+    spike_window: int = 10
+    on_divergence: str = "stop"  # stop | rollback
+    max_rollbacks: int = 3
     sample_tokens: int = 0  # >0: print a sample of this many tokens at the end
     sample_prompt: str = "The"
 
@@ -484,6 +492,12 @@ def validate(cfg: Config, world_size: int) -> Layout:
     check_choice("train.activation_checkpointing", train.activation_checkpointing, ("none", "full", "selective"))
     check_choice("train.device", train.device, ("auto", "cpu", "cuda"))
     check_choice("train.memory_check", train.memory_check, ("refuse", "warn", "off"))
+    check_choice("train.on_divergence", train.on_divergence, ("stop", "rollback"))
+    if not (math.isfinite(train.spike_factor) and (train.spike_factor == 0 or train.spike_factor > 1)):
+        raise ConfigError(f"train.spike_factor={train.spike_factor} must be 0 (off) or a finite number > 1")
+    for key in ("spike_window", "max_rollbacks"):
+        if getattr(train, key) < (1 if key == "spike_window" else 0):
+            raise ConfigError(f"train.{key}={getattr(train, key)} must be >= {1 if key == 'spike_window' else 0}")
     check_choice("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant", "wsd"))
     _validate_cooldowns(cfg)
     check_choice("optim.resume_schedule", cfg.optim.resume_schedule, ("keep", "stretch"))

@@ -19,6 +19,7 @@ from megatrain.data.manifest import vocab_from_data
 from megatrain.engine.build import build_engine, init_distributed, pick_device, resolve_precision
 from megatrain.engine.checkpoint import Checkpointer, RunContext
 from megatrain.engine.dist_env import export_dist_env, resolve_dist_env
+from megatrain.engine.divergence import Diverged, Guard, roll_back
 from megatrain.engine.memory_check import check_memory
 from megatrain.engine.run_dir import (
     check_same_model,
@@ -140,13 +141,19 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     if resume_from is not None and cfg.train.resume == "auto" and resume_from.parent == checkpointer.root:
         # its sizes were checked before the process group; now the digests, each file read by one rank
         resume_from = checkpointer.find_latest() or (Path(cfg.train.fork_from) if cfg.train.fork_from else None)
-    if resume_from is not None:
-        state = checkpointer.load(engine, resume_from)
-        step, tokens = state["step"], state["tokens"]
+
+    def reload(path: Path) -> dict[str, Any]:
+        """Resume (or roll back to) a checkpoint: engine, LR schedule under this run's keys, data position."""
+        state = checkpointer.load(engine, path)
         change = on_resume(engine.lr_scheduler, cfg.optim, cfg.train.steps)
         if change and env.rank == 0:
             log.warning("%s", change)
         loader.load_state_dict(state["data"])
+        return state
+
+    if resume_from is not None:
+        state = reload(resume_from)
+        step, tokens = state["step"], state["tokens"]
         log.info("resumed from %s at step %d (%d tokens)", resume_from, step, tokens)
     elif cfg.train.init_from:
         checkpointer.init_from(engine, cfg.train.init_from)
@@ -178,14 +185,14 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     preemption = Preemption()
     profiler = _start_profiler(run_dir, env.rank) if cfg.train.profile else None
     timer, watch, window = StepTimer(device), LossWatch(device), Throughput()
+    guard = Guard(cfg.train, resume_from, device)
     last_loss = last_eval = float("nan")
 
     def check_finite() -> float:
         """Read the loss (a sync: log and save steps only); stop at a non-finite loss since the last read."""
         loss, first_bad = watch.read()
         if first_bad:
-            raise FloatingPointError(f"loss is not finite at step {first_bad} (read at step {step}); "
-                                     "lower optim.lr or check the data")
+            raise guard.diverged(first_bad, f"loss is not finite at step {first_bad} (read at step {step})")
         return loss
 
     def save(final: bool = False) -> None:
@@ -193,6 +200,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         every, interval = cfg.train.portable_every, cfg.train.save_interval
         portable = final or every == 1 or (interval > 0 and step % (interval * every) == 0)
         start = time.perf_counter()
+        guard.check_weights(engine.module, step)  # never publish a NaN or inf
         try:
             path = checkpointer.save(engine, step, {"step": step, "tokens": tokens, "data": loader.state_dict()},
                                      with_portable=portable)
@@ -201,6 +209,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
             if full is None:
                 raise
             raise full from err
+        guard.saved(path)
         metrics.note(f"saved step {step} to {path} in {time.perf_counter() - start:.1f} s"
                      + ("" if portable else " (no portable copy: train.portable_every)"))
 
@@ -208,48 +217,60 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     # Between log steps nothing here waits for the GPU: the loss stays on the device (LossWatch), phases are
     # timed with CUDA events, the preemption flag is agreed on the host. Log and save steps read them.
     while step < cfg.train.steps:
-        loss, lr = train_step(engine, loader.next_batch, layout.grad_accum, device, mesh.dp_group, timer)
-        step += 1
-        tokens += tokens_per_step
-        watch.update(loss, step)
-        window.step()
+        try:
+            loss, lr = train_step(engine, loader.next_batch, layout.grad_accum, device, mesh.dp_group, timer)
+            step += 1
+            guard.poison(engine.module, step)
+            tokens += tokens_per_step
+            watch.update(loss, step)
+            window.step()
 
-        row: dict[str, Any] = {}
-        if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
-            last_loss = check_finite()
-            elapsed = window.seconds()
-            tps = tokens_per_step * window.steps / elapsed
-            achieved = tps / layout.world * flops_per_token
-            row = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": _grad_norm(engine),
-                   "tokens": tokens, "tokens_per_s": tps, "tokens_per_s_per_device": tps / layout.world,
-                   "tflops_per_device": achieved / 1e12, **({"mfu": achieved / peak} if peak else {}),
-                   "step_time_s": elapsed / window.steps, "restart_count": env.restart_count,
-                   **{k: v / window.steps for k, v in timer.pop().items()}, **memory_stats(device)}
+            row: dict[str, Any] = {}
+            if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
+                last_loss = check_finite()
+                grad_norm = _grad_norm(engine)
+                guard.check_log(step, last_loss, None if engine.get_global_grad_norm() is None else grad_norm)
+                elapsed = window.seconds()
+                tps = tokens_per_step * window.steps / elapsed
+                achieved = tps / layout.world * flops_per_token
+                row = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
+                       "tokens": tokens, "tokens_per_s": tps, "tokens_per_s_per_device": tps / layout.world,
+                       "tflops_per_device": achieved / 1e12, **({"mfu": achieved / peak} if peak else {}),
+                       "step_time_s": elapsed / window.steps, "restart_count": env.restart_count,
+                       **{k: v / window.steps for k, v in timer.pop().items()}, **memory_stats(device)}
+                window.restart()
+            if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
+                with window.excluded(device):  # eval time is not training throughput
+                    last_eval = evaluate(engine, cfg, mesh, device, valid)
+                row.update(step=step, eval_loss=last_eval, eval_ppl=math.exp(min(last_eval, 50.0)))
+            if row:
+                metrics.log(row)
+
+            if profiler is not None:
+                profiler.step()
+            if forks is not None and step in fork_steps:  # before a preemption exit: a resume runs past it
+                last_loss = check_finite()
+                guard.check_weights(engine.module, step)
+                with window.excluded(device):
+                    forks.save(engine, step, {"step": step, "tokens": tokens, "data": loader.state_dict()},
+                               with_portable=False)
+            preempted = step % cfg.train.signal_check_interval == 0 and preemption.agreed()
+            periodic = cfg.train.save_interval and step % cfg.train.save_interval == 0
+            if preempted or step == cfg.train.steps or periodic:
+                last_loss = check_finite()  # never publish a checkpoint after a non-finite loss
+                with window.excluded(device):
+                    save(final=step == cfg.train.steps and not preempted)
+            if preempted:
+                preemption.ignore_from_now()
+                log.info("signal received: saved step %d, exiting with %d for requeue", step, EXIT_PREEMPTED)
+                exit_code = EXIT_PREEMPTED
+                break
+        except Diverged as err:
+            if not guard.may_roll_back(err):
+                raise
+            step, tokens = roll_back(reload, checkpointer, loader, guard, err, layout.grad_accum, metrics.note)
+            watch = LossWatch(device)  # its first non-finite step is sticky
             window.restart()
-        if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
-            with window.excluded(device):  # eval time is not training throughput
-                last_eval = evaluate(engine, cfg, mesh, device, valid)
-            row.update(step=step, eval_loss=last_eval, eval_ppl=math.exp(min(last_eval, 50.0)))
-        if row:
-            metrics.log(row)
-
-        if profiler is not None:
-            profiler.step()
-        if forks is not None and step in fork_steps:  # before a preemption exit: a resume runs past it
-            last_loss = check_finite()
-            with window.excluded(device):
-                forks.save(engine, step, {"step": step, "tokens": tokens, "data": loader.state_dict()},
-                           with_portable=False)
-        preempted = step % cfg.train.signal_check_interval == 0 and preemption.agreed()
-        if preempted or step == cfg.train.steps or (cfg.train.save_interval and step % cfg.train.save_interval == 0):
-            last_loss = check_finite()  # never publish a checkpoint after a non-finite loss
-            with window.excluded(device):
-                save(final=step == cfg.train.steps and not preempted)
-        if preempted:
-            preemption.ignore_from_now()
-            log.info("signal received: saved step %d, exiting with %d for requeue", step, EXIT_PREEMPTED)
-            exit_code = EXIT_PREEMPTED
-            break
 
     if exit_code == 0:
         if cfg.train.sample_tokens > 0 and layout.pp == 1:  # sampling through pipeline stages: not yet

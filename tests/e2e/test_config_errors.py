@@ -52,6 +52,9 @@ def test_hydra_errors_are_one_line_exit_2_in_every_launcher(tmp_path, launcher, 
     ("train.eval_steps=0", ("train.eval_steps=0", "train.eval_interval=0 turns eval off")),
     ("train.global_batch_size=-4", ("train.global_batch_size=-4", "must be positive")),
     ("plan.num_gpus=0", ("plan.num_gpus=0", "must be positive")),
+    ("train.on_divergence=retry", ("train.on_divergence='retry'", "stop", "rollback")),
+    ("train.spike_factor=0.5", ("train.spike_factor=0.5", "0 (off) or a finite number > 1")),
+    ("train.spike_window=0", ("train.spike_window=0", ">= 1")),
 ])
 def test_bad_values_are_refused_by_the_planner_with_the_key(override, needles):
     _one_line_error(cli("launcher.plan", "model=tiny", "model.vocab_size=512", override), *needles)
