@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -78,6 +79,8 @@ def test_rollback_skips_the_diverged_batches_and_finishes_finite(tiny_data, tmp_
     assert "rollback 1 of train.max_rollbacks=3: loss is not finite at step 4" in result.stderr, result.stderr
     assert "(step 2), skipped the batches of 2 steps" in result.stderr
     assert _checkpoints(run) == ["step_00000002", "step_00000004", "step_00000005"]
+    data = json.loads((run / "checkpoints" / "step_00000005" / "trainer" / "data.json").read_text())
+    assert data["samples"] == 7 * 4  # 5 steps trained + 2 skipped, 4 samples a step
     weights = PortableCheckpoint(run / "checkpoints" / "step_00000005" / "portable").weights()
     assert all(torch.isfinite(w).all() for w in weights.values())
     final = losses(run)
