@@ -1,8 +1,8 @@
 """Wiring shared by every launcher: Hydra's entry point on the config tree in conf/, and the error contract.
 
 Exit codes (README, "Errors"): 2 for a bad key, value, file or layout (one line, naming the key and what is
-allowed, before any process group), 3 for a plan that does not fit, 74 for a save that ran out of disk space,
-75 for a run saved on a signal.
+allowed, before any process group), 3 for a plan that does not fit, 65 for a run that diverged
+(engine/divergence.py), 74 for a save that ran out of disk space, 75 for a run saved on a signal.
 """
 
 from __future__ import annotations

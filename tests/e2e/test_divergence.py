@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from megatrain.export.portable_format import PortableCheckpoint
-from tests.e2e.conftest import QUIET, ROOT, TRAIN, cli, losses
+from tests.e2e.conftest import QUIET, ROOT, TRAIN, cli, losses, torchrun
 
 ARGS = (*TRAIN, "train.precision=fp32", "train.eval_interval=0", "train.global_batch_size=4", "optim.warmup_steps=1")
 
@@ -37,6 +37,17 @@ def test_an_lr_that_breaks_the_weights_publishes_nothing_and_exits_65_naming_the
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "diverged at step 1: 21 parameter tensors (of 21 on a rank) hold NaN or inf" \
         in error[0] and "no checkpoint before it is known good" in error[0], result.stderr
+    assert _checkpoints(run) == []
+
+
+def test_on_two_ranks_the_weight_check_is_agreed_and_nothing_is_published(tiny_data, tmp_path):
+    """TP2 over gloo: each rank checks its own slices, the verdict is all-reduced, one error is printed."""
+    run = tmp_path / "run"
+    result = cli("launcher.train", *ARGS, f"data.path={tiny_data}", f"run.dir={run}", "train.steps=2",
+                 "train.save_interval=1", "optim.lr=1e39", "parallel.tp=2", launcher=torchrun(2))
+    assert result.returncode != 0, result.stderr
+    assert result.stderr.count("error: training diverged at step 1:") == 1, result.stderr
+    assert result.stderr.count("exitcode  : 65") == 2, result.stderr  # torchrun's report of each rank
     assert _checkpoints(run) == []
 
 
