@@ -65,7 +65,7 @@ def test_cli_fits_r_d_star_from_a_csv_with_unique_tokens(tmp_path) -> None:
     assert json.loads((tmp_path / "out" / "data.json").read_text())["R_D_star"] == pytest.approx(15, rel=0.15)
     (tmp_path / "fresh.csv").write_text("N,D,loss\n1e7,1e8,3.0\n")
     out = subprocess.run([*base, f"fit.input={tmp_path / 'fresh.csv'}"], capture_output=True, text=True)
-    assert out.returncode == 1 and "record no unique_tokens" in out.stderr
+    assert out.returncode == 2 and "record no unique_tokens" in out.stderr
 
 
 def test_the_loader_counts_unique_tokens_and_epochs(tmp_path) -> None:
