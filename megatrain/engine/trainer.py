@@ -292,6 +292,9 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     metrics.close()
     dist.barrier()
     release_run_dir(lock)
+    # Tear the process group down here, not at interpreter exit, where gloo's threads can abort the
+    # process ("terminate called without an active exception", exit -6 after a finished run).
+    dist.destroy_process_group()
     return exit_code
 
 
