@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import scipy
@@ -128,12 +129,16 @@ def check_points(points: Sequence[Point]) -> None:
                 raise ValueError(f"run {p.name or '?'}: {key}={value} must be a finite positive number")
 
 
-def group_by_budget(points: Sequence[Point], rtol: float = 0.1) -> list[list[Point]]:
-    """IsoFLOP groups: the planned budget when every run has one, else C within `rtol` of each other."""
+Run = TypeVar("Run")  # a Point, or a run of another fit with .budget and .compute (scaling/hparams.py)
+
+
+def group_by_budget(points: Sequence[Run], rtol: float = 0.1) -> list[list[Run]]:
+    """IsoFLOP groups of runs (anything with `.budget` and `.compute`): the planned budget when every run
+    has one, else C within `rtol` of each other."""
     if all(p.budget for p in points):
         budgets = sorted({p.budget for p in points})
         return [[p for p in points if p.budget == b] for b in budgets]
-    groups: list[list[Point]] = []
+    groups: list[list[Run]] = []
     for p in sorted(points, key=lambda p: p.compute):
         if groups and p.compute <= groups[-1][0].compute * (1 + rtol):
             groups[-1].append(p)
@@ -142,7 +147,7 @@ def group_by_budget(points: Sequence[Point], rtol: float = 0.1) -> list[list[Poi
     return groups
 
 
-def _budget(group: list[Point]) -> float:
+def group_compute(group: Sequence[Run]) -> float:
     # A group's C: the geometric mean of its runs' compute, in the fit's N and C (fit.params,
     # fit.compute), which need not be those the sweep was planned with; the plan only groups.
     return float(np.exp(np.mean([np.log(p.compute) for p in group])))
@@ -174,7 +179,7 @@ def fit_approach1(points: Sequence[Point]) -> AllocationFit:
         p = min(group, key=lambda q: q.loss)
         if p.loss < best:  # a larger budget that does no better is not on the frontier
             best = p.loss
-            optima.append({"C": _budget(group), "N": p.params, "D": p.tokens, "loss": p.loss, "run": p.name})
+            optima.append({"C": group_compute(group), "N": p.params, "D": p.tokens, "loss": p.loss, "run": p.name})
     if len(optima) < 2:
         raise ValueError("approach 1 needs the frontier at 2 or more compute budgets; "
                          f"the runs give {len(optima)}")
@@ -186,7 +191,7 @@ def fit_approach2(points: Sequence[Point]) -> AllocationFit:
     check_points(points)
     optima, skipped = [], []
     for group in group_by_budget(points):
-        c = _budget(group)
+        c = group_compute(group)
         log_n = np.log([p.params for p in group])
         if len(np.unique(log_n)) < 3:
             skipped.append(f"C={c:.3g}: {len(np.unique(log_n))} model size(s), a parabola needs 3")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from megatrain.scaling.fit import Point, PowerLaw, fit_power_law, interval
+from megatrain.scaling.fit import Point, PowerLaw, fit_power_law, group_by_budget, group_compute, interval
 
 
 @dataclass(frozen=True)
@@ -51,26 +51,9 @@ class HparamFit:
         return out
 
 
-def _groups(points: Sequence[HparamPoint], rtol: float = 0.1) -> list[list[HparamPoint]]:
-    if all(p.budget for p in points):
-        return [[p for p in points if p.budget == b] for b in sorted({p.budget for p in points})]
-    groups: list[list[HparamPoint]] = []
-    for p in sorted(points, key=lambda p: p.compute):
-        if groups and p.compute <= groups[-1][0].compute * (1 + rtol):
-            groups[-1].append(p)
-        else:
-            groups.append([p])
-    return groups
-
-
-def _budget(group: list[HparamPoint]) -> float:
-    # In the fit's basis, as fit._budget: the planned budget only groups the runs.
-    return float(np.exp(np.mean(np.log([p.compute for p in group]))))
-
-
 def _optimum(group: list[HparamPoint]) -> tuple[dict | None, str]:
     """The bracketed vertex of the loss surface over (log lr, log batch) of one budget, or why not."""
-    c = _budget(group)
+    c = group_compute(group)
     axes = {"lr": np.log([p.lr for p in group]), "batch": np.log([p.batch for p in group])}
     varied = [k for k, x in axes.items() if len(np.unique(x)) >= 3]
     if not varied:
@@ -114,7 +97,7 @@ def fit_hparams(points: Sequence[HparamPoint]) -> HparamFit:
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"run {p.name or '?'}: {key}={value} must be a finite positive number")
     optima, skipped = [], []
-    for group in _groups(points):
+    for group in group_by_budget(points):
         o, why = _optimum(group)
         if o is None:
             skipped.append(why)
@@ -133,7 +116,7 @@ def fit_hparams(points: Sequence[HparamPoint]) -> HparamFit:
 def bootstrap_hparams(points: Sequence[HparamPoint], n: int, seed: int = 0) -> tuple[list[HparamFit], int]:
     """Refits on `n` resamples of the runs within each budget; returns the fits and the failures."""
     rng = np.random.default_rng(seed)
-    groups, fits, failed = _groups(points), [], 0
+    groups, fits, failed = group_by_budget(points), [], 0
     for _ in range(n):
         try:
             fits.append(fit_hparams([g[i] for g in groups for i in rng.integers(0, len(g), len(g))]))
