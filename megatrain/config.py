@@ -64,6 +64,9 @@ class ModelConfig:
     # Tokens whose logits exist at once in the fused LM head + loss (memory: chunk x vocab/tp x 4 B,
     # about twice); null: all tokens of the micro-batch at once. Changes no result.
     loss_chunk_tokens: Optional[int] = 1024
+    # auto: fast attention kernels only (flash/cuDNN/efficient SDPA; FlexAttention for document masks on
+    # CUDA), checked at start on CUDA; math: allow SDPA's O(s^2) math kernel and a dense document mask.
+    attention_backend: str = "auto"
 
     @property
     def kv_heads(self) -> int:
@@ -404,6 +407,7 @@ def validate_model(model: ModelConfig, tp: int = 1) -> None:
     check_choice("model.norm", model.norm, ("rmsnorm", "layernorm"))
     check_choice("model.position", model.position, ("rope", "learned"))
     check_choice("model.activation", model.activation, ("swiglu", "gelu"))
+    check_choice("model.attention_backend", model.attention_backend, ("auto", "math"))
     for key in ("vocab_size", "vocab_multiple", "d_model", "n_layers", "n_heads", "max_seq_len", "loss_chunk_tokens"):
         # vocab_size null: sized from the data; loss_chunk_tokens null: one chunk
         if getattr(model, key) is not None and getattr(model, key) <= 0:

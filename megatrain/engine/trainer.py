@@ -33,6 +33,7 @@ from megatrain.engine.run_dir import (
 )
 from megatrain.engine.schedule import on_resume
 from megatrain.engine.step import eval_loss, train_step
+from megatrain.model.attention import check_attention
 from megatrain.observe.logger import MetricsLogger, setup_console_logging
 from megatrain.observe.meters import LossWatch, StepTimer, Throughput, memory_stats, peak_flops, process_memory, to_host
 from megatrain.parallel.mesh import Mesh
@@ -101,6 +102,8 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
                  "model.vocab_multiple x parallel.tp = %d x %d", vocab.vocab_size, vocab.source,
                  vocab.tokenizer_vocab, vocab.padding, cfg.model.vocab_multiple, cfg.parallel.tp)
     check_memory(cfg, env.world_size, device)  # before any process group or weight: train.memory_check
+    check_attention(cfg.model, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32, device,
+                    cfg.data.document_mask)  # CUDA: never SDPA's math kernel unless model.attention_backend=math
     # Before any process group: a bad dataset costs seconds, not a queue wait. Rank 0 hashes the shards.
     data = check_data(cfg.data, cfg.tokenizer, seq_len=cfg.train.seq_len, model_vocab_size=cfg.model.vocab_size,
                       batch=layout.micro_batch_size * layout.dp, evaluate=cfg.train.eval_interval > 0,

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatrain.config import ModelConfig
+from megatrain.model.attention import DocumentMask, attend
 from megatrain.model.norms import Norm
 from megatrain.model.rope import apply_rope, rope_tables
 from megatrain.parallel.cross_entropy import chunked_head_cross_entropy, vocab_parallel_cross_entropy
@@ -34,14 +35,12 @@ from megatrain.parallel.mesh import Mesh
 
 
 class Context:
-    """What every block needs besides its input: RoPE tables and the attention mask."""
+    """What every block needs besides its input: RoPE tables and the attention mask (None: causal)."""
 
     def __init__(self, cfg: ModelConfig, seq_len: int, device: torch.device, doc_ids: torch.Tensor | None):
         self.rope = rope_tables(seq_len, cfg.head_dim, cfg.rope_theta, device) if cfg.position == "rope" else None
-        self.mask = None
-        if doc_ids is not None:  # block-causal: attend only to earlier tokens of the same document
-            causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
-            self.mask = (doc_ids[:, :, None] == doc_ids[:, None, :]).logical_and(causal).unsqueeze(1)
+        # block-causal: attend only to earlier tokens of the same document, in the kernel's own form
+        self.mask = None if doc_ids is None else DocumentMask.build(doc_ids, cfg.attention_backend)
 
 
 class Attention(nn.Module):
@@ -72,10 +71,8 @@ class Attention(nn.Module):
             y = self.core(q, k, v, ctx.mask)
         return self.o(y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
-    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.kv_heads != self.heads,
-            dropout_p=self.dropout if self.training else 0.0)
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask | None) -> torch.Tensor:
+        return attend(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)
 
 
 class MLP(nn.Module):
