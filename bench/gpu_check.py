@@ -2,7 +2,8 @@
 
 (a) loss parity, CPU against GPU, tiny model, 20 steps: fp32 within 1e-4 relative, bf16 within 2e-2;
 (b) a ~1B LLaMA-style model (model=llama-1b) in bf16 at seq 2048 for a few dozen steps: tokens/s, MFU
-    against the datasheet table, peak memory against `launcher.plan`'s prediction, the SDPA kernel;
+    against the datasheet table, peak memory against `launcher.plan`'s prediction, the SDPA kernel, the
+    start-up check that SDPA is not the math kernel, and FlexAttention's document mask against the dense one;
 (c) save, resume, and the next losses identical to the run that did not stop.
 
 `--dry-run`: the same three phases at toy size on the CPU (CI runs it, so the script cannot rot): the
@@ -116,6 +117,33 @@ def sdpa_kernel(overrides: list[str], device: str) -> str:
     return "math"
 
 
+def attention_checks(overrides: list[str], device: str) -> dict:
+    """megatrain's start-up SDPA check at the bench config (flash/cuDNN must take bf16 on a GPU), and the
+    document-mask kernel of this device (FlexAttention on CUDA) against the dense mask, fp32, forward and
+    gradients: the CPU suite can only run Flex's forward. The dry run checks its CPU kernel instead."""
+    import torch
+
+    from megatrain.config import ConfigError, to_config
+    from megatrain.model.attention import DocumentMask, attend, check_attention, document_kernel
+
+    cfg = to_config(_compose(overrides))
+    try:  # a no-op on the CPU: nothing there picks a math kernel behind the user's back
+        check_attention(cfg.model, torch.bfloat16, torch.device(device), document_mask=False)
+        verdict = "ok" if device == "cuda" else "n/a (CPU)"
+    except ConfigError as error:
+        verdict = f"FAILED: {error}"
+    gen = torch.Generator(device=device).manual_seed(0)
+    doc_ids = torch.cumsum((torch.rand(2, 1000, device=device, generator=gen) < 0.01).int(), dim=1).int()
+    q = torch.randn(2, 8, 1000, 64, device=device, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, 2, 1000, 64, device=device, generator=gen, requires_grad=True) for _ in range(2))
+    out = {b: attend(q, k, v, DocumentMask.build(doc_ids, b)) for b in ("auto", "math")}
+    grads = {b: torch.autograd.grad(o.square().sum(), (q, k, v)) for b, o in out.items()}
+    diff = max([(out["auto"] - out["math"]).abs().max().item()]
+               + [(a - m).abs().max().item() for a, m in zip(grads["auto"], grads["math"])])
+    return {"sdpa_check": verdict, "document_kernel": document_kernel("auto", device), "document_max_abs_diff": diff,
+            "document_ok": diff < 1e-3}
+
+
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
@@ -151,7 +179,7 @@ def bench(out: Path, data: Path, device: str, dry_run: bool) -> dict:
             "mfu_target": MFU_TARGET, "tflops_per_device": last["tflops_per_device"],
             "peak_memory_gb": measured_gb, "memory_measure": "torch max_memory_allocated" if device == "cuda"
             else "peak RSS", "planned_gb_without_overhead": (planned.memory.total - planned.memory.overhead) / 1e9,
-            "sdpa_kernel": sdpa_kernel(overrides, device)}
+            "sdpa_kernel": sdpa_kernel(overrides, device), **attention_checks(overrides, device)}
 
 
 def main() -> int:
@@ -188,7 +216,10 @@ def main() -> int:
     print(f"(b) {b['tokens_per_s']:,.0f} tokens/s, {b['tflops_per_device']:.1f} TFLOP/s, {mfu}; peak memory "
           f"{b['peak_memory_gb']:.2f} GB ({b['memory_measure']}) vs planned {b['planned_gb_without_overhead']:.2f} GB "
           f"(without plan.overhead_gb); SDPA kernel: {b['sdpa_kernel']}; {b['wall_s']:.0f} s")
-    ok = all(p["ok"] for p in report["parity"].values()) and r["identical"]
+    print(f"(b) attention: start-up SDPA check {b['sdpa_check']}; document mask through {b['document_kernel']} vs "
+          f"the dense mask, fp32 forward + gradients: max abs diff {b['document_max_abs_diff']:.1e}")
+    ok = all(p["ok"] for p in report["parity"].values()) and r["identical"] and b["document_ok"] \
+        and not b["sdpa_check"].startswith("FAILED")
     print(f"gpu_check: {'passed' if ok else 'FAILED'}; details in {args.out / 'gpu_check.json'}")
     return 0 if ok else 1
 

@@ -35,6 +35,15 @@ def test_activation_checkpointing_gives_identical_gradients_under_tp_and_sp():
             torch.testing.assert_close(other["grads"][name], grad, rtol=0, atol=1e-7)
 
 
+def test_document_mask_under_tp2_and_sequence_parallel_matches_the_dense_mask():
+    """The per-document kernel, heads split over TP and the sequence gathered under SP, against one process
+    with the dense [b, 1, s, s] mask (model.attention_backend=math)."""
+    reference = run_ranks(1, model_gradients, dict(TINY, attention_backend="math"), 1, False, "none", True)[0]
+    _assert_close_grads(reference, run_ranks(2, model_gradients, TINY, 2, True, "selective", True)[0])
+    plain = run_ranks(1, model_gradients, TINY, 1, False)[0]
+    assert plain["loss"] != pytest.approx(reference["loss"], rel=1e-4)  # the mask changes the result
+
+
 def _cfg(**parallel):
     checkpointing = parallel.pop("checkpointing", "none")
     return make_config(train=dict(precision="fp32", micro_batch_size=2, global_batch_size=8, seq_len=32,

@@ -62,8 +62,10 @@ def assert_same_curve(curve: dict[str, list[float]], reference: dict[str, list[f
             assert abs(value - expected) <= rel * abs(expected), f"{key} at step {step}: {value} != {expected}"
 
 
-def model_gradients(rank: int, model_kw: dict, tp: int, sp: bool, checkpointing: str = "none") -> dict:
-    """One forward/backward of the raw model (no DeepSpeed) with TP; full gradients and the loss."""
+def model_gradients(rank: int, model_kw: dict, tp: int, sp: bool, checkpointing: str = "none",
+                    document_mask: bool = False) -> dict:
+    """One forward/backward of the raw model (no DeepSpeed) with TP; full gradients and the loss.
+    `document_mask`: the windows hold several documents each (seeded doc_ids), attended block-causally."""
     dist.init_process_group("gloo")
     mesh = Mesh.build(Layout(tp=tp, sequence_parallel=sp))
     cfg = ModelConfig(**model_kw)
@@ -71,7 +73,9 @@ def model_gradients(rank: int, model_kw: dict, tp: int, sp: bool, checkpointing:
     for name, p in model.named_parameters():
         init_parameter(p, name, seed=7, mesh=mesh)
     batch = synthetic_batches(1, 4, 32, cfg.vocab_size)[0]
-    loss = model(batch[:, :-1], batch[:, 1:])
+    gen = torch.Generator().manual_seed(1)
+    doc_ids = torch.cumsum((torch.rand(4, 32, generator=gen) < 0.15).int(), dim=1).int() if document_mask else None
+    loss = model(batch[:, :-1], batch[:, 1:], doc_ids=doc_ids)
     loss.backward()
     grads = {}
     for name, p in model.named_parameters():
