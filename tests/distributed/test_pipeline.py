@@ -9,10 +9,11 @@ from tests.distributed.test_parallel_equivalence import GPT2_STYLE
 from tests.distributed.workloads import TINY, assert_same_curve, engine_losses, make_config
 
 
-def _cfg(model=TINY, checkpointing="none", **parallel):
+def _cfg(model=TINY, checkpointing="none", document_mask=False, **parallel):
     return make_config(model, train=dict(precision="fp32", micro_batch_size=2, global_batch_size=8, seq_len=32,
                                          grad_clip=0.05,  # clipping on: a double-counted norm changes updates
-                                         activation_checkpointing=checkpointing), parallel=parallel)
+                                         activation_checkpointing=checkpointing), parallel=parallel,
+                       data=dict(document_mask=document_mask))
 
 
 def test_balanced_split_gives_the_lm_head_stage_fewer_blocks():
@@ -40,13 +41,16 @@ def test_bubble_fraction_of_1f1b():
 
 @pytest.fixture(scope="module")
 def reference():
-    return {name: run_ranks(1, engine_losses, _cfg(model, zero_stage=0), 3)[0]
+    # The GPT-2 style runs mask attention across documents: the stages pass doc_ids along with the activations.
+    return {name: run_ranks(1, engine_losses, _cfg(model, zero_stage=0, document_mask=name == "gpt2"), 3)[0]
             for name, model in (("llama", TINY), ("gpt2", GPT2_STYLE))}
 
 
-@pytest.mark.parametrize("model, name", [(TINY, "llama"), (GPT2_STYLE, "gpt2")], ids=["llama", "gpt2-tied"])
+@pytest.mark.parametrize("model, name", [(TINY, "llama"), (GPT2_STYLE, "gpt2")],
+                         ids=["llama", "gpt2-tied-document-mask"])
 def test_pp2_with_checkpointing_matches_single_process(reference, model, name):
-    losses = run_ranks(2, engine_losses, _cfg(model, checkpointing="full", pp=2, zero_stage=1), 3)
+    losses = run_ranks(2, engine_losses, _cfg(model, checkpointing="full", document_mask=name == "gpt2", pp=2,
+                                              zero_stage=1), 3)
     assert losses[0] == losses[1]
     assert_same_curve(losses[0], reference[name])
 

@@ -47,7 +47,11 @@ def engine_losses(rank: int, cfg: Config, steps: int) -> dict[str, list[float]]:
 
         def next_batch(mine=mine) -> dict:
             micro = next(mine)
-            return {"input_ids": micro[:, :-1], "labels": micro[:, 1:]}
+            batch = {"input_ids": micro[:, :-1], "labels": micro[:, 1:]}
+            if cfg.data.document_mask:  # as the loader makes them, with the ids below vocab/8 as EODs
+                is_eod = (batch["input_ids"] < cfg.model.vocab_size // 8).int()
+                batch["doc_ids"] = torch.cumsum(is_eod, dim=1, dtype=torch.int32) - is_eod
+            return batch
 
         curve["loss"].append(float(train_step(engine, next_batch, layout.grad_accum, device, mesh.dp_group)[0]))
         curve["grad_norm"].append(float(engine.get_global_grad_norm()))
