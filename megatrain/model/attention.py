@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from megatrain.config import ConfigError, ModelConfig
 
-BACKENDS = ("auto", "math")
 FLEX_BLOCK = 128  # FlexAttention's tile: the block mask holds (s / 128)^2 entries per sample
 # SDPA kernels allowed per dtype under `auto`: flash or cuDNN for 16-bit, memory-efficient for fp32.
 FAST_SDPA = {torch.bfloat16: ("flash", "cudnn"), torch.float16: ("flash", "cudnn"), torch.float32: ("efficient",)}
@@ -67,8 +66,7 @@ def document_block_mask(doc_ids: torch.Tensor, block: int = FLEX_BLOCK):
 
     b, s = doc_ids.shape
     n = -(-s // block)
-    padded = F.pad(doc_ids, (0, n * block - s), value=0)
-    padded[:, s:] = doc_ids[:, -1:]  # the tail tile's padding continues the last document
+    padded = torch.cat([doc_ids, doc_ids[:, -1:].expand(b, n * block - s)], dim=1)  # the tail continues the last doc
     tiles = padded.view(b, n, block)
     first, last = tiles[:, :, 0], tiles[:, :, -1]
     lower = torch.ones(n, n, dtype=torch.bool, device=doc_ids.device).tril()
@@ -97,6 +95,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask
         return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, is_causal=dense is None,
                                               dropout_p=dropout_p, enable_gqa=gqa)
     if mask.kernel == "flex":
+        if dropout_p:  # check_attention refuses this at start; a direct caller learns it here
+            raise ValueError("FlexAttention has no dropout: use model.dropout=0 or model.attention_backend=math")
         return _flex()(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
     rows = []
     for row, documents in enumerate(mask.segments):  # causal within each document = block-causal
