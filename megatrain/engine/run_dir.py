@@ -94,11 +94,14 @@ def release_run_dir(fd: int | None) -> None:
         os.close(fd)
 
 
+KERNEL_KEYS = ("attention_backend",)  # how the model computes, not what: a resume may switch them
+
+
 def model_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """`model.<key>: old -> new` for every key that differs; keys an older config.yaml lacks are defaults."""
     before = {**asdict(ModelConfig()), **saved}
     return [f"model.{k}: {before.get(k)} -> {now.get(k)}" for k in sorted(set(before) | set(now))
-            if before.get(k) != now.get(k)]
+            if before.get(k) != now.get(k) and k not in KERNEL_KEYS]
 
 
 def check_same_model(run_dir: Path, raw: dict[str, Any]) -> None:

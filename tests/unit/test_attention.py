@@ -10,6 +10,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from megatrain.config import ConfigError, ModelConfig, validate_model
+from megatrain.engine.run_dir import model_changes
 from megatrain.model.attention import (
     DocumentMask,
     attend,
@@ -120,6 +121,12 @@ def test_probe_says_why_no_fast_kernel_runs():
     assert "not a multiple of 8" in math_fallback_reason(torch.bfloat16, 36, False, [])
     assert math_fallback_reason(torch.bfloat16, 128, False, ["Flash attention\n needs sm80"]).endswith(
         "torch: Flash attention needs sm80")
+
+
+def test_a_resume_may_switch_the_attention_backend_but_not_the_model():
+    saved = dataclasses.asdict(ModelConfig(**TINY))
+    assert model_changes(saved, {**saved, "attention_backend": "math"}) == []
+    assert model_changes(saved, {**saved, "attention_backend": "math", "d_model": 128}) == ["model.d_model: 64 -> 128"]
 
 
 def test_unknown_attention_backend_is_a_config_error():
