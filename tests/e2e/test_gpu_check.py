@@ -17,6 +17,7 @@ def test_gpu_check_dry_run_passes_on_the_cpu(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["parity"]["fp32"]["ok"] and report["resume"]["identical"]
     assert report["bench"]["mfu"] is None  # no peak on a CPU: omitted, not guessed
+    assert report["bench"]["document_kernel"] == "segments" and report["bench"]["document_ok"]
     again = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--out", str(out)], cwd=ROOT,
                            capture_output=True, text=True, timeout=120, env=QUIET)
     assert again.returncode == 2 and "is not empty" in again.stderr  # never overwrites an earlier check
