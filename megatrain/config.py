@@ -90,6 +90,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     cp: int = 1  # context parallel: each sample's sequence split over cp ranks
+    cp_mode: str = "ring"  # ring (K/V passed around the CP ring) | ulysses (DeepSpeed's all-to-all of heads)
     ep: int = 1  # expert parallel: experts split over ep of the data-parallel ranks
     zero_stage: int = 1
     sequence_parallel: bool = False
@@ -361,6 +362,7 @@ class Layout:
     pp: int = 1
     dp: int = 1
     cp: int = 1
+    cp_mode: str = "ring"
     ep: int = 1
     zero_stage: int = 0
     sequence_parallel: bool = False
@@ -468,6 +470,30 @@ def _validate_cooldowns(cfg: Config) -> None:
                               "branch may not be longer than the run")
 
 
+def _validate_context_parallel(cfg: Config) -> None:
+    model, par, train = cfg.model, cfg.parallel, cfg.train
+    check_choice("parallel.cp_mode", par.cp_mode, ("ring", "ulysses"))
+    if par.cp == 1:
+        return
+    if train.seq_len % (2 * par.cp):
+        raise ConfigError(f"train.seq_len={train.seq_len} must be divisible by 2 x parallel.cp = {2 * par.cp}: "
+                          "each rank holds two of 2 x cp equal chunks (causal load balance)")
+    if par.sequence_parallel and (train.seq_len // par.cp) % par.tp:
+        raise ConfigError(f"train.seq_len / parallel.cp = {train.seq_len // par.cp} must be divisible by "
+                          f"parallel.tp={par.tp} with sequence parallelism")
+    if par.cp_mode == "ulysses":
+        for key, heads in (("model.n_heads", model.n_heads), ("model.n_kv_heads", model.kv_heads)):
+            if (heads // par.tp) % par.cp:
+                raise ConfigError(f"{key}={heads} / parallel.tp={par.tp} is not divisible by parallel.cp={par.cp}: "
+                                  "Ulysses splits each rank's heads over CP; use parallel.cp_mode=ring")
+    refusals = ((par.pp > 1, f"parallel.pp={par.pp}", "pipeline stages do not carry the CP chunk split"),
+                (cfg.data.document_mask, "data.document_mask=true", "the ring's causal blocks take no document mask"),
+                (model.dropout > 0, f"model.dropout={model.dropout}", "ring attention has no attention dropout"))
+    for refused, what, why in refusals:
+        if refused:
+            raise ConfigError(f"parallel.cp={par.cp} with {what} is not supported: {why}; use parallel.cp=1")
+
+
 def validate(cfg: Config, world_size: int) -> Layout:
     """Check every relation between keys for a world of `world_size` ranks; derive the layout.
 
@@ -478,11 +504,11 @@ def validate(cfg: Config, world_size: int) -> Layout:
     for key in ("tp", "pp", "cp", "ep"):
         if getattr(par, key) < 1:
             raise ConfigError(f"parallel.{key}={getattr(par, key)} must be >= 1")
-    for key, feature in (("cp", "context parallelism"), ("ep", "expert parallelism")):
-        if getattr(par, key) > 1:  # the mesh has the dimension; the model does not use it yet
-            raise ConfigError(f"parallel.{key}={getattr(par, key)}: {feature} is not available in this version; "
-                              f"use parallel.{key}=1")
+    if par.ep > 1:  # the mesh has the dimension; the model does not use it yet
+        raise ConfigError(f"parallel.ep={par.ep}: expert parallelism is not available in this version; "
+                          "use parallel.ep=1")
     validate_model(model, par.tp)
+    _validate_context_parallel(cfg)
     if par.reduce_bucket_size is not None and par.reduce_bucket_size < 1:
         raise ConfigError(f"parallel.reduce_bucket_size={par.reduce_bucket_size} must be a positive element count "
                           "(or null: DeepSpeed's 5e8)")
@@ -554,6 +580,6 @@ def validate(cfg: Config, world_size: int) -> Layout:
     if global_batch % per_step:
         raise ConfigError(f"train.global_batch_size={global_batch} is not a multiple of "
                           f"train.micro_batch_size x DP = {train.micro_batch_size} x {dp} = {per_step}")
-    return Layout(tp=par.tp, pp=par.pp, dp=dp, cp=par.cp, ep=par.ep, zero_stage=par.zero_stage,
+    return Layout(tp=par.tp, pp=par.pp, dp=dp, cp=par.cp, cp_mode=par.cp_mode, ep=par.ep, zero_stage=par.zero_stage,
                   sequence_parallel=par.sequence_parallel, micro_batch_size=train.micro_batch_size,
                   grad_accum=global_batch // per_step)

@@ -89,9 +89,9 @@ def build_model(cfg: Config, mesh: Mesh, ds_config: dict[str, Any]) -> torch.nn.
             init_parameter(p, name, cfg.train.seed, mesh)
         return model
     zero3 = mesh.layout.zero_stage == 3
-    # zero.Init ignores `mpu` and would partition over the whole world, mixing TP shards:
-    # the DP group must be named explicitly.
-    with deepspeed.zero.Init(data_parallel_group=mesh.dp_group, mpu=mesh, config_dict_or_path=ds_config,
+    # zero.Init ignores `mpu` and would partition over the whole world, mixing TP shards: the group
+    # must be named explicitly, DP x CP (dense weights are replicated across CP, as across DP).
+    with deepspeed.zero.Init(data_parallel_group=mesh.dp_cp_group, mpu=mesh, config_dict_or_path=ds_config,
                              enabled=zero3):
         model = Transformer(cfg.model, mesh, mesh.layout.sequence_parallel, checkpointing)
     for name, p in canonical_parameters(model):

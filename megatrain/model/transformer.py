@@ -20,6 +20,7 @@ from megatrain.config import ModelConfig
 from megatrain.model.attention import DocumentMask, attend
 from megatrain.model.norms import Norm
 from megatrain.model.rope import apply_rope, rope_tables
+from megatrain.parallel.context import context_parallel_attention, cp_mean_loss, zigzag_positions
 from megatrain.parallel.cross_entropy import chunked_head_cross_entropy, vocab_parallel_cross_entropy
 from megatrain.parallel.layers import (
     ColumnParallelLinear,
@@ -35,10 +36,15 @@ from megatrain.parallel.mesh import Mesh
 
 
 class Context:
-    """What every block needs besides its input: RoPE tables and the attention mask (None: causal)."""
+    """What every block needs besides its input: RoPE tables and the attention mask (None: causal).
 
-    def __init__(self, cfg: ModelConfig, seq_len: int, device: torch.device, doc_ids: torch.Tensor | None):
+    Under context parallelism `positions` are the sequence positions of this rank's tokens (its chunks)."""
+
+    def __init__(self, cfg: ModelConfig, seq_len: int, device: torch.device, doc_ids: torch.Tensor | None,
+                 positions: torch.Tensor | None = None):
         self.rope = rope_tables(seq_len, cfg.head_dim, cfg.rope_theta, device) if cfg.position == "rope" else None
+        if self.rope is not None and positions is not None:
+            self.rope = tuple(table[positions] for table in self.rope)
         # block-causal: attend only to earlier tokens of the same document, in the kernel's own form
         self.mask = None if doc_ids is None else DocumentMask.build(doc_ids, cfg.attention_backend)
 
@@ -72,6 +78,8 @@ class Attention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask | None) -> torch.Tensor:
+        if self.mesh.cp > 1:  # causal attention over the whole sequence, from this rank's chunks
+            return context_parallel_attention(q, k, v, self.mesh.cp_group, self.mesh.layout.cp_mode)
         return attend(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)
 
 
@@ -119,10 +127,11 @@ class Embedding(nn.Module):
             self.positions = make_param((cfg.max_seq_len, cfg.d_model), ("normal", cfg.init_std))
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`positions`: of the tokens in `ids` under context parallelism, else 0..len-1."""
         h = self.tokens(ids)  # this rank's sequence shard under SP
         if self.positions is not None:
-            positions = self.positions[: ids.shape[1]]
+            positions = self.positions[: ids.shape[1]] if positions is None else self.positions[positions]
             # Under SP keep our chunk; the scatter's backward all-gathers, so every rank sees the full grad.
             h = h + (scatter_sequence(positions.unsqueeze(0), self.mesh.tp_group) if self.sp else positions)
         return self.dropout(h)
@@ -167,21 +176,27 @@ class Transformer(nn.Module):
                  checkpointing: str = "none"):
         super().__init__()
         mesh = mesh or Mesh.single()
-        self.cfg, self.full_checkpoint = cfg, checkpointing == "full"
+        self.cfg, self.mesh, self.full_checkpoint = cfg, mesh, checkpointing == "full"
         self.embed = Embedding(cfg, mesh, sequence_parallel)
         self.blocks = nn.ModuleList(Block(cfg, mesh, sequence_parallel, checkpointing) for _ in range(cfg.n_layers))
         self.head = Head(cfg, mesh, sequence_parallel)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        ctx = Context(self.cfg, input_ids.shape[1], input_ids.device, doc_ids)
-        h = self.embed(input_ids)
+        positions = None
+        if self.mesh.cp > 1:  # every CP rank gets the whole sample and keeps its two chunks
+            positions = zigzag_positions(input_ids.shape[1], self.mesh.cp, self.mesh.cp_rank, input_ids.device)
+            input_ids, labels = input_ids[:, positions], None if labels is None else labels[:, positions]
+        ctx = Context(self.cfg, self.mesh.cp * input_ids.shape[1], input_ids.device, doc_ids, positions)
+        h = self.embed(input_ids, positions)
         for block in self.blocks:
             if self.full_checkpoint and self.training:
                 h = checkpoint(block, h, ctx, use_reentrant=False)
             else:
                 h = block(h, ctx)
-        return self.head(h, labels, self.embed if self.cfg.tie_embeddings else None)
+        out = self.head(h, labels, self.embed if self.cfg.tie_embeddings else None)
+        # The loss over all tokens (equal counts per rank); logits stay this rank's chunks' (in `positions` order).
+        return cp_mean_loss(out, self.mesh.cp_group) if self.mesh.cp > 1 and labels is not None else out
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.8, top_k: int = 50,

@@ -12,10 +12,10 @@ attention needs every earlier token, which comes one of two ways:
 - Ulysses (`ulysses_attention`): DeepSpeed's sequence-parallel attention all-to-alls heads for
   sequence, so each rank attends the whole sequence on heads/cp heads (heads must divide by cp).
 
-Gradient reduction: DeepSpeed sums gradients over the CP group and averages over DP (its "sequence
-data parallel" convention, fed by the mesh's mpu), so each rank's loss is its share of the global
-mean: `cp_mean_loss` returns the exact mean over all tokens and lets the gradient of each rank's
-own tokens through unscaled by the reduction.
+Gradient reduction: DeepSpeed averages gradients over DP x CP (its "sequence data parallel" group,
+from the mesh's mpu), so each rank's gradient is that of the mean over its own tokens: with equal
+token counts per rank the average over CP is the gradient of the mean over the whole sequence.
+`cp_mean_loss` reports that exact mean and passes the gradient of the local mean through unscaled.
 """
 
 from __future__ import annotations
@@ -38,18 +38,17 @@ def zigzag_positions(seq_len: int, cp: int, cp_rank: int, device: torch.device |
 
 class _CpMeanLoss(torch.autograd.Function):
     """Forward: the mean over the CP group of equal-count local means (= the mean over all tokens).
-    Backward: each rank's gradient is d(its share)/d(its local mean) = 1/cp; DeepSpeed sums over CP."""
+    Backward: the gradient of the local mean, unscaled; the reduction averages it over CP."""
 
     @staticmethod
     def forward(ctx, local_mean, group):
-        ctx.cp = dist.get_world_size(group)
         total = local_mean.detach().clone()
         dist.all_reduce(total, group=group)
-        return total / ctx.cp
+        return total / dist.get_world_size(group)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad / ctx.cp, None
+        return grad, None
 
 
 def cp_mean_loss(local_mean: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -211,7 +210,8 @@ def _ulysses_local_attention(cp: int, seq_len: int):
     return attend
 
 
-def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      group: dist.ProcessGroup | None) -> torch.Tensor:
     """Causal attention of zigzag-split q [b, h, s/cp, d], k, v [b, hk, s/cp, d] through DeepSpeed's
     DistributedAttention (h and hk divisible by cp)."""
     from deepspeed.sequence.layer import DistributedAttention

@@ -161,6 +161,20 @@ class Mesh:
     def get_data_parallel_group(self) -> dist.ProcessGroup | None:
         return self.dp_group
 
+    # DeepSpeed partitions ZeRO states over, broadcasts over and averages gradients over its "sequence data
+    # parallel" group: DP x CP here. Its sequence-parallel size is left at 1 (no get_sequence_parallel_*):
+    # with it DeepSpeed would sum over CP, but its ZeRO-3 reduce-scatter path ignores that (0.19.8: the
+    # gradients came out divided by cp), so CP ranks average like DP ranks and each CP rank's loss
+    # gradient is that of its own mean (parallel/context.py).
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.dp * self.cp
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.dp_rank * self.cp + self.cp_rank
+
+    def get_sequence_data_parallel_group(self) -> dist.ProcessGroup | None:
+        return self.dp_cp_group
+
     def get_pipeline_model_parallel_rank(self) -> int:
         return self.pp_rank
 

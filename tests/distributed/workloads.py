@@ -76,7 +76,15 @@ def model_gradients(rank: int, model_kw: dict, tp: int, sp: bool, checkpointing:
     model = Transformer(cfg, mesh, sequence_parallel=sp, checkpointing=checkpointing)
     for name, p in model.named_parameters():
         init_parameter(p, name, seed=7, mesh=mesh)
-    batch = synthetic_batches(1, 4, 32, cfg.vocab_size)[0]
+    result = loss_and_full_gradients(model, mesh, document_mask)
+    dist.destroy_process_group()
+    return result
+
+
+def loss_and_full_gradients(model: Transformer, mesh: Mesh, document_mask: bool = False) -> dict:
+    """One forward/backward on a fixed batch; the loss and every parameter's whole gradient (averaged over
+    CP, as DeepSpeed reduces it over DP x CP, and gathered over TP)."""
+    batch = synthetic_batches(1, 4, 32, model.cfg.vocab_size)[0]
     gen = torch.Generator().manual_seed(1)
     doc_ids = torch.cumsum((torch.rand(4, 32, generator=gen) < 0.15).int(), dim=1).int() if document_mask else None
     loss = model(batch[:, :-1], batch[:, 1:], doc_ids=doc_ids)
@@ -84,11 +92,13 @@ def model_gradients(rank: int, model_kw: dict, tp: int, sp: bool, checkpointing:
     grads = {}
     for name, p in model.named_parameters():
         g = p.grad
-        if p.tp_dim is not None and tp > 1:
-            parts = [torch.empty_like(g) for _ in range(tp)]
+        if mesh.cp > 1:
+            dist.all_reduce(g, group=mesh.cp_group)
+            g /= mesh.cp
+        if p.tp_dim is not None and mesh.tp > 1:
+            parts = [torch.empty_like(g) for _ in range(mesh.tp)]
             dist.all_gather(parts, g.contiguous(), group=mesh.tp_group)
             g = torch.cat(parts, dim=p.tp_dim)
-        assert list(g.shape) == full_shape(p, tp)
+        assert list(g.shape) == full_shape(p, mesh.tp)
         grads[name] = g
-    dist.destroy_process_group()
     return {"loss": loss.item(), "grads": grads}
