@@ -14,6 +14,8 @@ model states per rank, P = parameters on this TP/PP rank, d = DP size
           a separate fp32 master copy 4P/d; Adam m, v 8P/d. ZeRO-0 is plain AdamW: 4+4+8.
 activations: what autograd saves per token per layer in megatrain's blocks (fp32 norms,
     SDPA with flash-style saving, so no seq x seq scores), the layout of Korthikanti et al. 2022.
+    Under context parallelism (parallel.cp) each rank holds seq/cp tokens of every sample, and ZeRO
+    partitions over DP x CP (parallel/context.py).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ GB = 1e9
 # DeepSpeed's defaults, which megatrain's DeepSpeed config leaves unchanged.
 REDUCE_BUCKET = 500_000_000  # zero_optimization.reduce_bucket_size (elements), unless parallel.reduce_bucket_size
 CHECKPOINTING = ("none", "selective", "full")
+# plan.search tries context parallelism only while each rank keeps at least this many tokens of a sample:
+# below it the ring's K/V traffic outgrows the attention it hides behind (Megatron-Core's guidance: CP for 8k+).
+MIN_CP_TOKENS = 4096
 # A CPU rank's overhead (plan.overhead_gb on a CPU: no CUDA context): a DeepSpeed engine of a 1-block,
 # 16-wide model grows the peak RSS by 72 MiB per rank here (engine build 48, first forward/backward 22).
 CPU_OVERHEAD_GB = 0.075
@@ -177,7 +182,7 @@ def activation_bytes(cfg: Config, micro_batch: int, grad_accum: int, checkpointi
     """Peak activation bytes on pipeline stage `stage` (1F1B: stage i holds min(pp - i, accum) micro batches)."""
     model, par, train = cfg.model, cfg.parallel, cfg.train
     tp, sp, a = par.tp, par.sequence_parallel, (2 if train.precision == "bf16" else 4)
-    tokens = micro_batch * train.seq_len
+    tokens = micro_batch * train.seq_len // par.cp  # this rank's chunks of each sample
     layer = layer_activation_bytes(model, tp, sp, train.precision, checkpointing)
     layers = blocks_per_stage(cfg)[stage]
     in_flight = min(par.pp - stage, grad_accum)
@@ -235,6 +240,26 @@ def _peak(cfg: Config) -> float:
     return peak
 
 
+def context_parallel_bytes(cfg: Config, layout: Layout) -> float:
+    """Bytes one rank sends per step for context parallelism (0 without it).
+
+    ring: per block and micro batch, the forward passes K/V on cp - 1 hops, the backward K/V on cp - 1
+    hops and dK/dV on cp (back to their owner), fp32 blocks of [micro, seq/cp, kv dim/tp] each.
+    ulysses: 4 all-to-alls (q, k, v, output) forward and 4 backward, (cp - 1)/cp of each tensor leaving.
+    """
+    cp = layout.cp
+    if cp == 1:
+        return 0.0
+    model, train = cfg.model, cfg.train
+    tokens = layout.micro_batch_size * train.seq_len / cp
+    per_micro_block = {
+        "ring": (3 * cp - 2) * 2 * tokens * model.kv_heads * model.head_dim / layout.tp * 4,
+        "ulysses": 2 * (cp - 1) / cp * tokens * (2 * model.n_heads + 2 * model.kv_heads) * model.head_dim
+        / layout.tp * (2 if train.precision == "bf16" else 4),
+    }[layout.cp_mode]
+    return per_micro_block * model.n_layers / layout.pp * layout.grad_accum
+
+
 def _step_time(cfg: Config, layout: Layout, checkpointing: str, params: int) -> float:
     model, train, hw = cfg.model, cfg.train, cfg.plan
     tp, pp, dp, micro, accum = layout.tp, layout.pp, layout.dp, layout.micro_batch_size, layout.grad_accum
@@ -250,16 +275,19 @@ def _step_time(cfg: Config, layout: Layout, checkpointing: str, params: int) -> 
     # TP: 4 all-reduces (or all-gather + reduce-scatter) of [micro, seq, d] per block per micro
     # batch, on the critical path; +2 when blocks are recomputed.
     ops = 4 + (2 if checkpointing == "full" else 0)
-    tp_bytes = ops * (model.n_layers / pp) * accum * micro * train.seq_len * model.d_model * act_bytes
+    tp_bytes = ops * (model.n_layers / pp) * accum * micro * train.seq_len / layout.cp * model.d_model * act_bytes
     tp_time = 2 * (tp - 1) / tp * tp_bytes / intra if tp > 1 else 0.0
     # DP: gradient reduction (+ parameter gathers at ZeRO-3, every micro batch), overlapped with backward.
     ring = (dp - 1) / dp
     grad_bytes = ring * act_bytes * params
     dp_bytes = {0: 2 * grad_bytes, 1: 2 * grad_bytes, 2: grad_bytes * (accum + 1),
                 3: 3 * grad_bytes * accum}[layout.zero_stage]
-    dp_bw = inter if tp * dp > hw.gpus_per_node else intra
+    dp_bw = inter if tp * layout.cp * dp > hw.gpus_per_node else intra
     exposed = max(0.0, dp_bytes / dp_bw - compute * 2 / 3) if dp > 1 else 0.0
-    return compute + tp_time + exposed
+    # CP: the ring's sends overlap the attention of the block held; whatever outlasts the compute shows.
+    cp_bw = inter if tp * layout.cp > hw.gpus_per_node else intra
+    cp_exposed = max(0.0, context_parallel_bytes(cfg, layout) / cp_bw - compute)
+    return compute + tp_time + exposed + cp_exposed
 
 
 # ---------------------------------------------------------------- plans
@@ -286,15 +314,16 @@ def plan(cfg: Config, world_size: int | None = None) -> Plan:
     cfg = with_vocab(to_config(cfg))
     validate_plan(cfg.plan)
     train = cfg.train
-    world = world_size or cfg.plan.num_gpus or cfg.parallel.tp * cfg.parallel.pp
+    world = world_size or cfg.plan.num_gpus or cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
     layout = validate(cfg, world)
     per_stage = stage_params(cfg)
     params = max(per_stage)
     block = _block_params_per_rank(cfg.model, layout.tp)
 
     def stage_memory(stage: int) -> Memory:
-        weights, grads, optim = _model_states(per_stage[stage], layout.dp, layout.zero_stage, train.precision,
-                                              grad_reduce_dtype(cfg), layout.grad_accum)
+        # ZeRO partitions over DP x CP: weights are replicated across CP as across DP
+        weights, grads, optim = _model_states(per_stage[stage], layout.dp * layout.cp, layout.zero_stage,
+                                              train.precision, grad_reduce_dtype(cfg), layout.grad_accum)
         return Memory(weights=weights, gradients=grads, optimizer=optim,
                       activations=activation_bytes(cfg, layout.micro_batch_size, layout.grad_accum,
                                                    train.activation_checkpointing, stage),
@@ -322,7 +351,8 @@ def search(cfg: Config, num_gpus: int | None = None) -> list[Plan]:
     """Every layout that fits on `num_gpus` devices, best estimated tokens/s first.
 
     The global batch stays fixed: train.global_batch_size, else train.micro_batch_size x num_gpus.
-    Sequence parallelism is on whenever TP > 1 (same traffic, less activation memory).
+    Sequence parallelism is on whenever TP > 1 (same traffic, less activation memory). Context
+    parallelism (ring) is tried for long sequences: while each rank keeps >= MIN_CP_TOKENS tokens.
     """
     cfg = to_config(cfg)
     validate_plan(cfg.plan)
@@ -332,14 +362,15 @@ def search(cfg: Config, num_gpus: int | None = None) -> list[Plan]:
     for tp in _divisors(n):
         if tp > cfg.plan.gpus_per_node:
             continue  # TP traffic needs the intra-node links
-        for pp in _divisors(n // tp):
-            dp = n // (tp * pp)
+        cps = [c for c in _divisors(n // tp) if c == 1 or cfg.train.seq_len // c >= MIN_CP_TOKENS]
+        for cp, pp in ((c, pp) for c in cps for pp in _divisors(n // (tp * c))):
+            dp = n // (tp * cp * pp)
             for zero, ckpt, micro in itertools.product((0, 1, 2, 3), CHECKPOINTING, (1, 2, 4, 8, 16)):
                 if global_batch % (micro * dp):
                     continue
                 candidate = replace(
-                    cfg, parallel=replace(cfg.parallel, tp=tp, pp=pp, zero_stage=zero, sequence_parallel=tp > 1,
-                                          pp_split=None),
+                    cfg, parallel=replace(cfg.parallel, tp=tp, pp=pp, cp=cp, zero_stage=zero,
+                                          sequence_parallel=tp > 1, pp_split=None),
                     train=replace(cfg.train, micro_batch_size=micro, global_batch_size=global_batch,
                                   activation_checkpointing=ckpt))
                 try:
@@ -361,7 +392,8 @@ def _gb(x: float) -> str:
 def _layout(p: Plan) -> str:
     layout = p.layout
     sp = " sp" if layout.sequence_parallel else ""
-    return (f"tp={layout.tp}{sp} pp={layout.pp} dp={layout.dp} zero={layout.zero_stage} ckpt={p.checkpointing} "
+    cp = f" cp={layout.cp} {layout.cp_mode}" if layout.cp > 1 else ""
+    return (f"tp={layout.tp}{sp}{cp} pp={layout.pp} dp={layout.dp} zero={layout.zero_stage} ckpt={p.checkpointing} "
             f"micro={layout.micro_batch_size} x accum={layout.grad_accum}")
 
 
@@ -388,6 +420,8 @@ def describe(p: Plan, cfg: Config) -> str:
         f"  overhead         {_gb(mem.overhead)}",
         f"  total            {_gb(mem.total)} of {cfg.plan.gpu_memory_gb:g} GB: "
         + ("fits" if p.fits else "DOES NOT FIT"),
+        *([f"context parallel ({p.layout.cp_mode}) traffic per rank and step "
+           f"{_gb(context_parallel_bytes(cfg, p.layout))}"] if p.layout.cp > 1 else []),
         f"estimated step time {p.step_time_s:.3g} s, {p.tokens_per_s:,.0f} tokens/s "
         f"({p.tokens_per_s / p.world:,.0f} per GPU) at {cfg.plan.mfu:.0%} compute MFU "
         f"(overall MFU {p.mfu:.1%} after bubbles, recomputation and exposed communication)",
