@@ -27,6 +27,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 QUERY_TILE = 1024  # query rows whose scores exist at once: memory per block is tile x keys, not keys^2
+# On the CPU each block runs torch's flash kernel, which returns the log-sum-exp the merge needs and keeps
+# no scores (aten's _scaled_dot_product_flash_attention_for_cpu and its backward: torch internals, kept
+# to the two functions below). False: the portable tiled path that other devices run (tests run both).
+CPU_FLASH_KERNEL = True
 
 
 def zigzag_positions(seq_len: int, cp: int, cp_rank: int, device: torch.device | None = None) -> torch.Tensor:
@@ -68,8 +72,19 @@ def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, row0: 
     return s
 
 
+def _heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[b, hk, 1 or g, s, d] -> [b, hk * g, s, d], K/V repeated for each query head of their group."""
+    b, hk, _, s, d = x.shape
+    return x.expand(b, hk, groups, s, d).reshape(b, hk * groups, s, d)
+
+
 def _block_forward(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [b, hk, g, sq, d] on one K/V block [b, hk, 1, sk, d]: (output, log-sum-exp)."""
+    if CPU_FLASH_KERNEL and q.device.type == "cpu":
+        g = q.shape[2]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _heads(q, g), _heads(k, g), _heads(v, g), 0.0, causal, scale=scale)
+        return out.view(q.shape), lse.view(q.shape[:-1])
     outs, lses = [], []
     for t0 in range(0, q.shape[-2], QUERY_TILE):
         s = _scores(q[..., t0:t0 + QUERY_TILE, :], k, scale, causal, t0)
@@ -79,8 +94,16 @@ def _block_forward(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, t
     return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
 
 
-def _block_backward(q, k, v, dout, lse, delta, scale: float, causal: bool) -> tuple[torch.Tensor, ...]:
-    """Gradients of one block (flash-attention's backward from the final lse and delta = rowsum(dO * O))."""
+def _block_backward(q, k, v, out, dout, lse, scale: float, causal: bool) -> tuple[torch.Tensor, ...]:
+    """Gradients of one block: flash attention's backward from the final output and log-sum-exp."""
+    g = q.shape[2]
+    if CPU_FLASH_KERNEL and q.device.type == "cpu":
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _heads(dout, g), _heads(q, g), _heads(k, g), _heads(v, g), _heads(out, g), lse.reshape(lse.shape[0], -1,
+            lse.shape[-1]), 0.0, causal, scale=scale)
+        return (dq.view(q.shape), dk.view(*k.shape[:2], g, *k.shape[3:]).sum(2, keepdim=True),
+                dv.view(*v.shape[:2], g, *v.shape[3:]).sum(2, keepdim=True))
+    delta = (dout * out).sum(-1)
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for t0 in range(0, q.shape[-2], QUERY_TILE):
         rows = slice(t0, t0 + QUERY_TILE)
@@ -165,7 +188,6 @@ class _RingAttention(torch.autograd.Function):
         scale = d ** -0.5
         q32 = q.float().view(b, hk, h // hk, s, d)
         dout = grad.float().reshape(out.shape)
-        delta = (dout * out).sum(-1)
         kv = torch.stack([k.float(), v.float()]).unsqueeze(3).contiguous()
         dkv = torch.zeros_like(kv)  # the gradient of the block held, accumulated by every rank it visits
         dq = torch.zeros_like(q32)
@@ -174,7 +196,7 @@ class _RingAttention(torch.autograd.Function):
                 incoming, works = ring.pass_on(kv)
             rows, keys, causal = _zigzag_slices(ring.src(step), ring.rank, s)
             dq_b, dk_b, dv_b = _block_backward(q32[..., rows, :], kv[0][..., keys, :], kv[1][..., keys, :],
-                                               dout[..., rows, :], lse[..., rows], delta[..., rows], scale, causal)
+                                               out[..., rows, :], dout[..., rows, :], lse[..., rows], scale, causal)
             dq[..., rows, :] += dq_b
             dkv[0][..., keys, :] += dk_b
             dkv[1][..., keys, :] += dv_b
