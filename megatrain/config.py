@@ -101,6 +101,23 @@ class ParallelConfig:
 
 
 @dataclass
+class CooldownRuleConfig:
+    """train.cooldown_rule: cooldown branches at multiples of a tokens-per-parameter ratio, e.g. 0.5x/1x/2x/4x
+    of Chinchilla's 20: each branch trains D = multiple x tokens_per_param x N tokens (docs/scaling.md)."""
+
+    tokens_per_param: Optional[float] = None  # None: no rule (train.cooldowns alone)
+    multiples: Any = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    params: str = "total"  # the N of the rule: total | non_embedding parameters
+
+    def __post_init__(self) -> None:
+        self.multiples = as_list("train.cooldown_rule.multiples", self.multiples, float)
+
+    def tokens(self, n_params: int) -> list[float]:
+        """The branches' token counts for a model of `n_params` (its `params` count); [] without a rule."""
+        return [] if self.tokens_per_param is None else [m * self.tokens_per_param * n_params for m in self.multiples]
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     micro_batch_size: int = 4
@@ -126,6 +143,8 @@ class TrainConfig:
     # optim.schedule=wsd: token counts of cooldown branches. The run saves a stable-phase checkpoint
     # under <run.dir>/cooldowns where each branch forks (docs/scaling.md); the sweep runs the branches.
     cooldowns: Any = field(default_factory=list)
+    # ... or given as a rule of the model's size, resolved once its parameters are counted (cooldown_tokens)
+    cooldown_rule: CooldownRuleConfig = field(default_factory=CooldownRuleConfig)
     # A cooldown branch: the checkpoint it forks from (its own checkpoints win, as train.resume=auto)
     fork_from: Optional[str] = None
     compile: bool = False
@@ -449,25 +468,57 @@ def validate_plan(plan: PlanConfig) -> None:
         raise ConfigError(f"plan.mfu={plan.mfu} must be in (0, 1]")
 
 
-def _validate_cooldowns(cfg: Config) -> None:
+def _check_branch(cfg: Config, tokens: float, entry: str) -> None:
+    """A branch's decay must start inside this run's stable phase: it may not be longer than the run."""
     optim, train = cfg.optim, cfg.train
+    steps = round(tokens / (train.global_batch_size * train.seq_len))
+    if not 1 <= optim.stable_steps(steps) <= optim.stable_steps(train.steps):
+        raise ConfigError(f"{entry} {tokens:g} tokens = {steps} steps: its decay must start within "
+                          f"the stable phase of this run (steps 1-{optim.stable_steps(train.steps)}), i.e. the "
+                          "branch may not be longer than the run")
+
+
+def _validate_cooldowns(cfg: Config) -> None:
+    optim, train, rule = cfg.optim, cfg.train, cfg.train.cooldown_rule
     if not 0.0 < optim.decay_fraction < 1.0:
         raise ConfigError(f"optim.decay_fraction={optim.decay_fraction} must be in (0, 1)")
-    if (train.cooldowns or train.fork_from) and optim.schedule != "wsd":
-        raise ConfigError(f"train.cooldowns / train.fork_from need optim.schedule=wsd (got {optim.schedule}): only "
-                          "a warmup-stable-decay run is identical to a shorter one up to its decay")
+    ruled = rule.tokens_per_param is not None
+    if ruled:
+        if not (math.isfinite(rule.tokens_per_param) and rule.tokens_per_param > 0):
+            raise ConfigError(f"train.cooldown_rule.tokens_per_param={rule.tokens_per_param} must be a positive "
+                              "number (e.g. 20), or null for no rule")
+        if not rule.multiples or min(rule.multiples) <= 0:
+            raise ConfigError(f"train.cooldown_rule.multiples={rule.multiples}: give one or more positive multiples "
+                              "of tokens_per_param, e.g. [0.5,1,2,4]")
+        check_choice("train.cooldown_rule.params", rule.params, ("total", "non_embedding"))
+        if train.fork_from:  # a branch trains only its own decay; the rule belongs to its stable run
+            raise ConfigError("train.cooldown_rule with train.fork_from: a branch forks no branches of its own; "
+                              "set train.cooldown_rule.tokens_per_param=null for the branch")
+    if (train.cooldowns or train.fork_from or ruled) and optim.schedule != "wsd":
+        raise ConfigError(f"train.cooldowns / train.cooldown_rule / train.fork_from need optim.schedule=wsd (got "
+                          f"{optim.schedule}): only a warmup-stable-decay run is identical to a shorter one up to "
+                          "its decay")
     if train.fork_from and optim.resume_schedule != "stretch":
         raise ConfigError("train.fork_from: a branch decays over its own train.steps; "
                           "set optim.resume_schedule=stretch")
-    if train.cooldowns and not train.global_batch_size:
-        raise ConfigError("train.cooldowns: set train.global_batch_size, the tokens per step that turn each "
+    if (train.cooldowns or ruled) and not train.global_batch_size:
+        key = "train.cooldowns" if train.cooldowns else "train.cooldown_rule"
+        raise ConfigError(f"{key}: set train.global_batch_size, the tokens per step that turn each "
                           "token count into a fork step")
     for tokens in train.cooldowns:
-        steps = round(tokens / (train.global_batch_size * train.seq_len))
-        if not 1 <= optim.stable_steps(steps) <= optim.stable_steps(train.steps):
-            raise ConfigError(f"train.cooldowns entry {tokens:g} tokens = {steps} steps: its decay must start within "
-                              f"the stable phase of this run (steps 1-{optim.stable_steps(train.steps)}), i.e. the "
-                              "branch may not be longer than the run")
+        _check_branch(cfg, tokens, "train.cooldowns entry")
+
+
+def cooldown_tokens(cfg: Config, n_params: dict[str, int]) -> list[float]:
+    """Token counts of every cooldown branch: train.cooldowns and those of train.cooldown_rule for a model of
+    `n_params` ({"total": .., "non_embedding": ..}); a rule's branch longer than the run raises a ConfigError.
+    Called once the model is sized (its vocab may come from the data), before any process group."""
+    rule = cfg.train.cooldown_rule
+    ruled = rule.tokens(n_params[rule.params])
+    for multiple, tokens in zip(rule.multiples, ruled):
+        _check_branch(cfg, tokens, f"train.cooldown_rule {multiple:g}x {rule.tokens_per_param:g} tokens per "
+                                   f"parameter x {n_params[rule.params]:,} {rule.params} parameters =")
+    return [*cfg.train.cooldowns, *ruled]
 
 
 def _validate_context_parallel(cfg: Config) -> None:

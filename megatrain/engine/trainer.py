@@ -7,13 +7,14 @@ import logging
 import math
 import signal
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from megatrain.config import Config, config_warnings, validate
+from megatrain.config import Config, config_warnings, cooldown_tokens, validate
 from megatrain.data.dataset import TokenLoader, build_loader, check_data, load_tokenizer
 from megatrain.data.manifest import vocab_from_data
 from megatrain.engine.build import build_engine, init_distributed, pick_device, resolve_precision
@@ -101,6 +102,8 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         log.info("model.vocab_size=%d: the tokenizer of %s has %d tokens, padded by %d to a multiple of "
                  "model.vocab_multiple x parallel.tp = %d x %d", vocab.vocab_size, vocab.source,
                  vocab.tokenizer_vocab, vocab.padding, cfg.model.vocab_multiple, cfg.parallel.tp)
+    counts = param_counts(cfg.model)
+    cooldowns = cooldown_tokens(cfg, asdict(counts))  # train.cooldown_rule needs the sized model; checked here
     check_memory(cfg, env.world_size, device)  # before any process group or weight: train.memory_check
     check_attention(cfg.model, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32, device,
                     cfg.data.document_mask)  # CUDA: never SDPA's math kernel unless model.attention_backend=math
@@ -137,8 +140,11 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
                                 RunContext(cfg, mesh, data.tokenizer_path, data.eod_id))
     # Cooldown branches fork from stable-phase checkpoints kept apart from the rotation (keep_last).
     fork_steps = {cfg.optim.stable_steps(round(d / (layout.global_batch_size * cfg.train.seq_len)))
-                  for d in cfg.train.cooldowns}
+                  for d in cooldowns}
     forks = Checkpointer(run_dir / "cooldowns", 0, env.rank, checkpointer.context) if fork_steps else None
+    if cfg.train.cooldown_rule.tokens_per_param is not None and env.rank == 0:  # where to fork the branches from
+        log.info("train.cooldown_rule: branches of %s tokens fork at steps %s (%s)",
+                 ", ".join(f"{d:,.0f}" for d in cooldowns), sorted(fork_steps), forks.root)
     step, tokens = 0, 0
     resume_from = start.path
     if resume_from is not None and cfg.train.resume == "auto" and resume_from.parent == checkpointer.root:
@@ -168,7 +174,6 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         log.log(logging.WARNING if layout.grad_accum < 2 * layout.pp else logging.INFO,
                 "pipeline: %d stages, %d micro-batches per step -> %.0f%% of each step idle (1F1B bubble); "
                 "raise train.global_batch_size for more micro-batches", layout.pp, layout.grad_accum, 100 * bubble)
-    counts = param_counts(cfg.model)
     flops_per_token = training_flops_per_token(cfg.model, cfg.train.seq_len)
     peak, peak_source = peak_flops(device.type, torch.cuda.get_device_name(device) if device.type == "cuda" else "",
                                    cfg.train.precision, cfg.observe.peak_tflops)

@@ -30,6 +30,9 @@ def split(cfg: Config, points: list[SweepPoint]) -> tuple[list[SweepPoint], dict
     if not cfg.train.global_batch_size:
         raise ConfigError("sweep.wsd=true: set train.global_batch_size, the tokens per step of stable runs "
                           "and branches")
+    if cfg.train.cooldown_rule.tokens_per_param is not None:
+        raise ConfigError("sweep.wsd=true takes the branches' token counts from sweep.budgets; drop "
+                          "train.cooldown_rule (it is for a single stable run)")
     families: dict[str, list[SweepPoint]] = defaultdict(list)
     for p in points:
         families[_family(p)].append(p)
