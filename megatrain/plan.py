@@ -205,8 +205,12 @@ def head_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str,
     r, vocab = (model.d_model / tp if sp else model.d_model), model.vocab_size / tp
     # The final norm, then the gradients of the head's input (full sequence) and of its weight.
     kept = tokens * (norm_bytes(model, a, r) + a * model.d_model) + a * vocab * model.d_model
+    if whole_logits:
+        # PP's loss_fn on the last stage: DeepSpeed keeps the logits (a bytes) to backward, the loss their fp32 copy
+        # (the softmax), and at backward the gradient is cast from it (bf16: 2 more bytes; fp32: the copy itself).
+        return kept, tokens * (a + 4 + (2 if a == 2 else 0)) * vocab
     # One chunk's logits at a time: in fp32 (and their bf16 matmul output or gradient beside them).
-    chunk = tokens if whole_logits else min(tokens, model.loss_chunk_tokens or tokens)
+    chunk = min(tokens, model.loss_chunk_tokens or tokens)
     return kept, chunk * (4 + (2 if a == 2 else 0)) * vocab
 
 

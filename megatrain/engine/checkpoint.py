@@ -261,19 +261,22 @@ class Checkpointer:
         return state
 
     def init_from(self, engine: Any, source: str) -> None:
-        """Collective: set the model's weights from a Hugging Face directory (`train.init_from`)."""
-        from megatrain.export.hf import read_hf
+        """Collective: set the model's weights from a Hugging Face directory (`train.init_from`).
+
+        Each rank reads only its pipeline stage's tensors and their TP slices, not the whole model."""
+        from megatrain.export.hf import HFWeights
 
         run = self.context
         try:
-            weights = read_hf(Path(source), run.cfg.model)
+            weights = HFWeights(Path(source), run.cfg.model)
         except (OSError, ValueError) as err:
             raise ConfigError(f"train.init_from={source}: {err}") from err
-        portable.check_shapes(engine.module, run.mesh, {n: list(t.shape) for n, t in weights.items()}, source)
+        portable.check_shapes(engine.module, run.mesh, weights.shapes(), source)
         for name, p in canonical_parameters(engine.module):
             master = None if deepspeed_internals.has_fp32_master(p) else deepspeed_internals.unlinked_master(engine, p)
-            portable.set_parameter(p, portable.local_slice(weights[name], p, run.mesh), master)
-        log.info("initialised the model from %s", source)
+            portable.set_parameter(p, weights.local(name, p.tp_dim, run.mesh.tp, run.mesh.tp_rank), master)
+        log.info("initialised the model from %s: this rank read %.1f MB of the %.1f MB there (its stage and TP slices)",
+                 source, weights.bytes_read / 1e6, weights.file_bytes() / 1e6)
 
 
 def _trainer_state(path: Path, rank: int) -> dict[str, Any]:

@@ -143,25 +143,6 @@ def to_hf(m: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.T
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def from_hf(m: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Canonical full weights from an HF state dict (the inverse of `to_hf`)."""
-    gpt2 = architecture(m) == "gpt2"
-    if gpt2:  # checkpoints saved from GPT2Model (e.g. the original `gpt2`) lack the `transformer.` prefix
-        state = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v for k, v in state.items()}
-    weights = {}
-    for ours, theirs in _renames(m).items():
-        if theirs not in state:
-            raise ValueError(f"the Hugging Face weights have no {theirs} (needed for {ours})")
-        value = state[theirs]
-        weights[ours] = value.t() if gpt2 and value.dim() == 2 and ".h." in theirs else value
-    if gpt2:
-        for i in range(m.n_layers):
-            fused = f"transformer.h.{i}.attn.c_attn"
-            for x, w, b in zip("qkv", state[f"{fused}.weight"].t().chunk(3), state[f"{fused}.bias"].chunk(3)):
-                weights[f"blocks.{i}.attn.{x}.weight"], weights[f"blocks.{i}.attn.{x}.bias"] = w, b
-    return {k: v.float().contiguous() for k, v in weights.items()}
-
-
 def export_checkpoint(checkpoint: Path, output: Path, dtype: str = "float32") -> str:
     """Write a Hugging Face directory (config.json, model.safetensors, tokenizer) for `checkpoint`.
 
@@ -204,29 +185,91 @@ def export_checkpoint(checkpoint: Path, output: Path, dtype: str = "float32") ->
     return arch
 
 
-def read_hf(directory: Path, m: ModelConfig) -> dict[str, torch.Tensor]:
-    """Canonical full fp32 weights from a Hugging Face directory whose model must equal `m`."""
-    from transformers import AutoConfig
+class HFWeights:
+    """The canonical fp32 weights of a Hugging Face directory whose model must equal `m`, read by slices.
 
-    config = AutoConfig.from_pretrained(str(directory))
-    theirs = model_config_from_hf(config)
-    mine = dict(asdict(m), kv_heads=m.kv_heads, ffn_dim=m.ffn_dim)
-    if theirs["position"] == "rope":  # no weights depend on it
-        mine.pop("max_seq_len")
-    wrong = [f"model.{k}={mine[k]} but {directory} has {v}" for k, v in theirs.items()
-             if k in mine and mine[k] != v and not (isinstance(v, float) and abs(mine[k] - v) <= 1e-12)]
-    if wrong:
-        raise ValueError("the run's model differs from the one to import: " + "; ".join(wrong)
-                         + " (kv_heads is model.n_kv_heads, ffn_dim model.ffn_hidden)")
-    files = sorted(Path(directory).glob("*.safetensors"))
-    pickled = sorted(p for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in Path(directory).glob(pattern))
-    if not files and pickled:
-        raise ValueError(f"{pickled[0]} is a pickle, which megatrain never loads (unpickling can run code), and "
-                         f"{directory} holds no *.safetensors weights; convert it to safetensors where you trust it")
-    if not files:
-        raise ValueError(f"{directory} holds no *.safetensors weights")
-    state = {}
-    for path in files:
+    Only the headers are read up front; `local` reads a TP rank's slice of one tensor through safetensors'
+    get_slice, so a rank of a TP x PP run reads about its share of the files, not the whole model.
+    """
+
+    def __init__(self, directory: Path, m: ModelConfig):
+        from transformers import AutoConfig
+
+        self.directory = Path(directory)
+        theirs = model_config_from_hf(AutoConfig.from_pretrained(str(directory)))
+        mine = dict(asdict(m), kv_heads=m.kv_heads, ffn_dim=m.ffn_dim)
+        if theirs["position"] == "rope":  # no weights depend on it
+            mine.pop("max_seq_len")
+        wrong = [f"model.{k}={mine[k]} but {directory} has {v}" for k, v in theirs.items()
+                 if k in mine and mine[k] != v and not (isinstance(v, float) and abs(mine[k] - v) <= 1e-12)]
+        if wrong:
+            raise ValueError("the run's model differs from the one to import: " + "; ".join(wrong)
+                             + " (kv_heads is model.n_kv_heads, ffn_dim model.ffn_hidden)")
+        self.files = sorted(self.directory.glob("*.safetensors"))
+        pickled = sorted(p for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in self.directory.glob(pattern))
+        if not self.files and pickled:
+            raise ValueError(f"{pickled[0]} is a pickle, which megatrain never loads (unpickling can run code), "
+                             f"and {directory} holds no *.safetensors weights; convert it to safetensors where you "
+                             "trust it")
+        if not self.files:
+            raise ValueError(f"{directory} holds no *.safetensors weights")
+        self.bytes_read = 0  # tensor bytes read so far
+        gpt2 = architecture(m) == "gpt2"
+        stored: dict[str, tuple[Path, str, list[int]]] = {}  # HF name -> (file, key in it, shape)
+        for path in self.files:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    # checkpoints saved from GPT2Model (e.g. the original `gpt2`) lack the `transformer.` prefix
+                    name = key if not gpt2 or key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+                    stored[name] = (path, key, list(f.get_slice(key).get_shape()))
+        # canonical name -> (file, key, transposed, rows): `rows` is the range of the canonical dim 0 the tensor
+        # takes of the stored one (GPT-2's fused q, k, v); GPT-2's Conv1D stores 2-D block weights as [in, out].
+        self.entries: dict[str, tuple[Path, str, bool, tuple[int, int] | None]] = {}
+        for ours, name in _renames(m).items():
+            if name not in stored:
+                raise ValueError(f"the Hugging Face weights have no {name} (needed for {ours})")
+            path, key, shape = stored[name]
+            self.entries[ours] = (path, key, gpt2 and len(shape) == 2 and ".h." in name, None)
+        if gpt2:
+            for i in range(m.n_layers):
+                for kind in ("weight", "bias"):
+                    fused = f"transformer.h.{i}.attn.c_attn.{kind}"
+                    if fused not in stored:
+                        raise ValueError(f"the Hugging Face weights have no {fused} (needed for blocks.{i}.attn)")
+                    path, key, shape = stored[fused]
+                    width = shape[-1] // 3
+                    for j, x in enumerate("qkv"):
+                        self.entries[f"blocks.{i}.attn.{x}.{kind}"] = (path, key, kind == "weight",
+                                                                       (j * width, (j + 1) * width))
+        self._stored_shapes = {(path, key): shape for path, key, shape in stored.values()}
+
+    def shape(self, name: str) -> list[int]:
+        """The canonical full shape, from the file headers."""
+        path, key, transposed, rows = self.entries[name]
+        shape = list(self._stored_shapes[(path, key)])
+        shape = shape[::-1] if transposed else shape
+        if rows is not None:
+            shape[0] = rows[1] - rows[0]
+        return shape
+
+    def shapes(self) -> dict[str, list[int]]:
+        return {name: self.shape(name) for name in self.entries}
+
+    def local(self, name: str, tp_dim: int | None = None, tp: int = 1, tp_rank: int = 0) -> torch.Tensor:
+        """fp32 slice `tp_rank` of `tp` along the canonical `tp_dim` (None: whole), reading only its bytes."""
+        path, key, transposed, rows = self.entries[name]
+        bounds = [(0, n) for n in self.shape(name)]
+        if tp_dim is not None and tp > 1:
+            full = bounds[tp_dim][1]
+            bounds[tp_dim] = (tp_rank * full // tp, (tp_rank + 1) * full // tp)
+        if rows is not None:
+            bounds[0] = (rows[0] + bounds[0][0], rows[0] + bounds[0][1])
+        index = tuple(slice(lo, hi) for lo, hi in (bounds[::-1] if transposed else bounds))
         with safe_open(str(path), framework="pt") as f:
-            state.update({k: f.get_tensor(k) for k in f.keys()})
-    return from_hf(m, state)
+            value = f.get_slice(key)[index]
+        self.bytes_read += value.numel() * value.element_size()
+        return (value.t() if transposed else value).float().contiguous()
+
+    def file_bytes(self) -> int:
+        """Bytes of every weight file: what reading the whole model costs."""
+        return sum(p.stat().st_size for p in self.files)

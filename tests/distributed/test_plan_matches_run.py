@@ -132,3 +132,71 @@ def test_planned_memory_matches_what_the_run_holds(name):
     assert planned.memory.model_states == pytest.approx(measured["model_states"], rel=0.10)
     if name not in TOTAL_NOT_PINNED:
         assert planned.memory.total == pytest.approx(measured["rss_growth"], rel=0.25)
+
+
+
+def measure_staged(rank: int, cfg, steps: int) -> dict:
+    """`measure` for plain and pipeline engines alike (train_step): the model states just before the last
+    optimizer step, the peak RSS growth, and this rank's pipeline stage."""
+    from megatrain.config import validate
+    from megatrain.engine.build import build_engine, init_distributed
+    from megatrain.engine.step import train_step
+    from megatrain.parallel.mesh import Mesh
+
+    device = torch.device("cpu")
+    layout = validate(cfg, int(os.environ["WORLD_SIZE"]))
+    init_distributed(device)
+    mesh = Mesh.build(layout)
+    data = synthetic_batches(steps, layout.global_batch_size, cfg.train.seq_len, cfg.model.vocab_size)
+    _load_code()
+    before = _rss_bytes()
+    engine = build_engine(cfg, mesh, device)
+    states = []
+    optimizer_step = engine.optimizer.step
+
+    def measured_step(*args, **kwargs):
+        states.append(model_state_bytes(engine))
+        return optimizer_step(*args, **kwargs)
+
+    engine.optimizer.step = measured_step
+    per_rank = layout.micro_batch_size * layout.grad_accum
+    for step in range(steps):
+        mine = iter(data[step, mesh.dp_rank * per_rank:(mesh.dp_rank + 1) * per_rank].split(layout.micro_batch_size))
+        train_step(engine, lambda mine=mine: dict(zip(("input_ids", "labels"), _shift(next(mine)))),
+                   layout.grad_accum, device, mesh.dp_group)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"model_states": states[-1], "rss_growth": peak - before, "stage": mesh.pp_rank}
+
+
+def _shift(micro: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return micro[:, :-1], micro[:, 1:]
+
+
+# TP, SP and the two ends of a pipeline (rank 0 the first stage, rank 1 the last). The vocabulary is large enough
+# that the head's loss transient (model.loss_chunk_tokens tokens' fp32 logits; under PP the whole micro batch's)
+# counts.
+TP_PP_MODEL = dict(vars(MODEL), vocab_size=8192, loss_chunk_tokens=256)
+TP_PP_LAYOUTS = {
+    "tp2-zero1-bf16": dict(tp=2, zero_stage=1),
+    "tp2-sp-zero1-bf16": dict(tp=2, zero_stage=1, sequence_parallel=True),
+    "pp2-zero1-bf16": dict(pp=2, zero_stage=1),
+}
+# Under SP the peak RSS grows about 8 MiB per block (1024 tokens) more than the plan (measured with 1 and 4 blocks:
+# +8 and +33 MiB over it, while TP without SP matches), a cause not found yet: see docs/plan.md.
+# The pipeline within 10%: its last stage was 13% under before the plan counted the whole-logits loss as held.
+TOTAL_REL = {"tp2-sp-zero1-bf16": 0.20, "pp2-zero1-bf16": 0.10}
+
+
+@pytest.mark.parametrize("name", list(TP_PP_LAYOUTS))
+def test_planned_memory_matches_tp_sp_and_both_pipeline_stages(name):
+    cfg = make_config(TP_PP_MODEL, parallel=TP_PP_LAYOUTS[name],
+                      train=dict(precision="bf16", micro_batch_size=4, global_batch_size=8, seq_len=256))
+    cfg = replace(cfg, plan=replace(cfg.plan, overhead_gb=CPU_OVERHEAD_GB))
+    planned = plan(cfg, world_size=2)
+    for rank, result in enumerate(run_ranks(2, measure_staged, cfg, 2)):
+        memory = planned.first_last_memory[min(result["stage"], 1)]
+        print(f"{name} rank {rank} (stage {result['stage']}): model states planned {memory.model_states / 2**20:.1f} "
+              f"MiB, measured {result['model_states'] / 2**20:.1f} MiB; total planned {memory.total / 2**20:.1f} MiB, "
+              f"peak RSS growth {result['rss_growth'] / 2**20:.1f} MiB")
+        assert memory.model_states == pytest.approx(result["model_states"], rel=0.10), rank
+        assert memory.total == pytest.approx(result["rss_growth"], rel=TOTAL_REL.get(name, 0.15)), rank
