@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatrain.config import Config, ConfigError, ModelConfig, MoEConfig, validate
+from megatrain.config import Config, ConfigError, Layout, ModelConfig, MoEConfig, validate
 from megatrain.model.init import init_parameter
 from megatrain.model.moe import after_step, load_stats, moe_layers
 from megatrain.model.transformer import Transformer
@@ -118,3 +118,23 @@ def test_config_refuses_what_moe_does_not_compose_with(keys, world, message):
 
 def test_expert_parallel_layout_is_accepted():
     assert validate(_config(parallel__ep=2, parallel__tp=2), 8).ep == 2
+
+
+def test_parameter_counts_planner_and_active_flops_match_the_model():
+    from megatrain.config import ParallelConfig
+    from megatrain.plan import stage_params
+    from megatrain.scaling.flops import matmul_params, param_counts
+
+    cfg = dataclasses.replace(MOE, moe=dataclasses.replace(MOE.moe, first_dense_layers=1))
+    model = _model(cfg)
+    counts = param_counts(cfg)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    dense_mlp, expert = 3 * 32 * 64, 3 * 32 * 16
+    assert counts.total - counts.active_total == (4 - 2) * expert  # a token uses 2 of the 4 routed experts
+    assert matmul_params(cfg) == counts.active_non_embedding + 256 * 32
+    assert param_counts(dataclasses.replace(cfg, moe=MoEConfig())).total == counts.total - (
+        4 * expert + 4 * 32 + expert - dense_mlp)  # routed experts + router + shared expert replace the MLP
+    for tp in (1, 2):
+        tp_model = Transformer(cfg, Mesh(Layout(tp=tp)))
+        assert stage_params(Config(model=cfg, parallel=ParallelConfig(tp=tp))) == [
+            sum(p.numel() for p in tp_model.parameters())]
