@@ -152,6 +152,22 @@ def after_step(model: nn.Module) -> None:
         layer.after_step()
 
 
+def load_metrics(model: nn.Module) -> dict[str, float]:
+    """The metrics.jsonl fields of the last step's expert load (one device-to-host read: log steps only):
+    min / max / coefficient of variation per MoE block (`moe_load_cv_<module>`), the worst cv, and the
+    tokens dropped (always 0: dropless). Empty for a dense model."""
+    stats = load_stats(model)
+    if stats is None:
+        return {}
+    names = [name.removesuffix(".mlp").replace("blocks.", "block") for name, m in model.named_modules()
+             if isinstance(m, MoE)]
+    row: dict[str, float] = {"moe_dropped_tokens": 0}
+    for name, (low, high, cv) in zip(names, stats.tolist()):
+        row.update({f"moe_load_min_{name}": low, f"moe_load_max_{name}": high, f"moe_load_cv_{name}": cv})
+    row["moe_load_cv_max"] = max(v for k, v in row.items() if k.startswith("moe_load_cv_"))
+    return row
+
+
 def load_stats(model: nn.Module) -> torch.Tensor | None:
     """[MoE layers, 3] on the device: min, max and coefficient of variation of the last step's expert load
     (routed copies per expert over the global batch); None for a dense model."""

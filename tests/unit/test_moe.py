@@ -138,3 +138,30 @@ def test_parameter_counts_planner_and_active_flops_match_the_model():
         tp_model = Transformer(cfg, Mesh(Layout(tp=tp)))
         assert stage_params(Config(model=cfg, parallel=ParallelConfig(tp=tp))) == [
             sum(p.numel() for p in tp_model.parameters())]
+
+
+@pytest.mark.parametrize("shared", [1, 0])
+def test_export_to_qwen2_moe_gives_the_same_logits(shared):
+    from transformers import Qwen2MoeForCausalLM
+
+    from megatrain.export.hf import hf_config, to_hf
+
+    cfg = dataclasses.replace(MOE, n_layers=3, n_kv_heads=2, moe=dataclasses.replace(
+        MOE.moe, shared_experts=shared, first_dense_layers=1))
+    model = _model(cfg).eval()
+    with torch.no_grad():
+        for layer in moe_layers(model):
+            layer.router.normal_(0, 1.0)  # decisive routing: a token's experts differ from layer to layer
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    hf = Qwen2MoeForCausalLM(hf_config(cfg)).eval()
+    hf.load_state_dict(to_hf(cfg, weights), strict=True)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-4, atol=1e-5)
+
+
+def test_export_refuses_what_qwen2_moe_cannot_represent():
+    from megatrain.export.hf import architecture
+
+    with pytest.raises(ValueError, match="model.moe.router=sigmoid"):
+        architecture(dataclasses.replace(MOE, moe=dataclasses.replace(MOE.moe, router="sigmoid")))
