@@ -302,7 +302,9 @@ class FitConfig:
     approach: str = "all"
     output: str = "scaling"
     budget: Optional[float] = None
-    params: str = "non_embedding"  # non_embedding | total: the N of every fit and of C = 6ND
+    # non_embedding | total | active_non_embedding | active_total: the N of every fit, of C = 6ND and of the
+    # sweep's sizes (active: the parameters a token uses, for mixtures of experts)
+    params: str = "non_embedding"
     # 6nd: C = 6 N D; measured: C = each run's training FLOPs (attention and lm head included, flops.py)
     compute: str = "6nd"
     bootstrap: int = 100  # resamples for the confidence intervals; 0: none
@@ -312,7 +314,7 @@ class FitConfig:
     def __post_init__(self) -> None:
         self.input = as_list("fit.input", self.input, str)
         check_choice("fit.approach", str(self.approach), ("1", "2", "3", "all", "hparams", "data"))
-        check_choice("fit.params", self.params, ("non_embedding", "total"))
+        check_choice("fit.params", self.params, ("non_embedding", "total", "active_non_embedding", "active_total"))
         check_choice("fit.compute", self.compute, ("6nd", "measured"))
         check_choice("fit.loss", self.loss, ("eval", "train"))
 

@@ -165,3 +165,25 @@ def test_export_refuses_what_qwen2_moe_cannot_represent():
 
     with pytest.raises(ValueError, match="model.moe.router=sigmoid"):
         architecture(dataclasses.replace(MOE, moe=dataclasses.replace(MOE.moe, router="sigmoid")))
+
+
+def test_sweep_sizes_moe_points_by_active_parameters_and_fits_read_them(tmp_path):
+    import json
+
+    from megatrain.scaling.collect import read_run_dir
+    from megatrain.scaling.flops import param_counts
+    from megatrain.scaling.sweep import model_shapes
+
+    cfg = Config(model=dataclasses.replace(MOE, moe=dataclasses.replace(MOE.moe, experts=16, top_k=1)))
+    cfg.sweep.min_params, cfg.sweep.max_params, cfg.sweep.sizes = 2e5, 2e6, 3
+    by_total = model_shapes(cfg)
+    cfg.fit.params = "active_non_embedding"
+    by_active = model_shapes(cfg)
+    # the same active size takes a bigger shape than the same total size
+    assert [m.d_model for m in by_active] > [m.d_model for m in by_total]
+    assert all(2e5 / 3 < param_counts(m).active_non_embedding < 2e6 * 3 for m in by_active)
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "params_total": 9e6, "params_non_embedding": 8e6, "params_active": 3e6, "params_active_non_embedding": 2e6,
+        "tokens": 1e8, "final_eval_loss": 3.0}))
+    assert read_run_dir(tmp_path, "active_non_embedding").params == 2e6
+    assert read_run_dir(tmp_path, "active_total").params == 3e6
