@@ -517,6 +517,10 @@ def validate_expert_parallel(model: ModelConfig, par: ParallelConfig) -> None:
     if experts and par.cp > 1:
         raise ConfigError(f"parallel.cp={par.cp} with model.moe.experts={experts}: the sequence-wise balance loss "
                           "needs whole sequences on a rank; use parallel.cp=1")
+    if experts and par.zero_stage == 3:  # measured: the first loss already differs from one process (docs/moe.md)
+        raise ConfigError(f"parallel.zero_stage=3 with model.moe.experts={experts}: not verified to compute the "
+                          "same model in this version; use parallel.zero_stage=1 or 2 (optimizer states, and "
+                          "gradients with 2, sharded over DP)")
     if experts and par.sequence_parallel:
         raise ConfigError(f"parallel.sequence_parallel=true with model.moe.experts={experts}: the sequence-wise "
                           "balance loss needs whole sequences on a rank; use parallel.sequence_parallel=false")

@@ -12,7 +12,7 @@ sorted buffer goes to the EP rank that computes each expert and comes back (para
 Expert weights are stacked [experts, out, in] (the Hugging Face Qwen2-MoE layout) and replicated on every
 rank, like dense weights: a rank computes only its EP share of the experts, so its gradient is zero for the
 others, and the data-parallel mean (sum over the ranks that computed expert e, over dp) is exactly the
-gradient of the global-batch loss. ZeRO then partitions them over DP as it does dense weights. Routed experts
+gradient of the global-batch loss. ZeRO-1/2 shard their optimizer states over DP (ZeRO-3: refused). Routed experts
 are not TP-sharded: TP ranks compute them redundantly on the same tokens; the shared experts are a dense,
 TP-sharded MLP.
 
