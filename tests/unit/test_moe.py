@@ -107,6 +107,7 @@ def _config(**keys) -> Config:
     (dict(parallel__ep=2), 3, "must divide the data-parallel size 3"),
     (dict(parallel__pp=2), 2, "pipeline stages"),
     (dict(parallel__zero_stage=3), 2, "parallel.zero_stage=3 with model.moe.experts=4"),
+    (dict(parallel__cp=2), 2, "parallel.cp=2 with model.moe.experts=4"),
     (dict(parallel__tp=2, parallel__sequence_parallel=True), 2, "whole sequences"),
     (dict(model__moe=MoEConfig(experts=4, top_k=5)), 1, "model.moe.top_k=5"),
     (dict(model__moe=MoEConfig(experts=4, router="relu")), 1, "model.moe.router='relu'"),
