@@ -41,6 +41,25 @@ def as_list(key: str, value: Any, kind: type) -> list:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture of experts (docs/moe.md): experts > 0 replaces the MLP of every block after the first
+    `first_dense_layers` with a router, `experts` routed SwiGLU/GELU FFNs and `shared_experts` always-on ones."""
+
+    experts: int = 0  # routed experts per MoE layer; 0: a dense model
+    top_k: int = 2  # experts each token is sent to; their weights are normalised to sum to 1
+    shared_experts: int = 0  # always-on experts (DeepSeek style), one FFN of shared_experts x expert_ffn_hidden
+    expert_ffn_hidden: Optional[int] = None  # None: model.ffn_hidden (its default when null)
+    first_dense_layers: int = 0  # the first k blocks keep the dense MLP
+    router: str = "softmax"  # softmax | sigmoid (DeepSeek-V3): how router logits become scores
+    # Sequence-wise balance loss coef x E x sum_i f_i P_i per sequence (DeepSeek-V3); 0: off
+    aux_loss_coef: float = 0.01
+    # Auxiliary-loss-free balancing (DeepSeek-V3): after every step each expert's selection bias moves by
+    # this much towards the mean load; 0: off
+    bias_update_rate: float = 0.0
+    z_loss_coef: float = 0.0  # router z-loss coef x mean logsumexp(logits)^2 (ST-MoE); 0: off
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
     # null: the data's tokenizer size, padded up to a multiple of vocab_multiple x parallel.tp
@@ -67,6 +86,18 @@ class ModelConfig:
     # auto: fast attention kernels only (flash/cuDNN/efficient SDPA; FlexAttention for document masks on
     # CUDA), checked at start on CUDA; math: allow SDPA's O(s^2) math kernel and a dense document mask.
     attention_backend: str = "auto"
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):  # read back from a checkpoint's state.json (asdict)
+            self.moe = MoEConfig(**self.moe)
+
+    @property
+    def expert_ffn_dim(self) -> int:
+        return self.moe.expert_ffn_hidden or self.ffn_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe.experts > 0 and layer >= self.moe.first_dense_layers
 
     @property
     def kv_heads(self) -> int:
@@ -271,7 +302,9 @@ class FitConfig:
     approach: str = "all"
     output: str = "scaling"
     budget: Optional[float] = None
-    params: str = "non_embedding"  # non_embedding | total: the N of every fit and of C = 6ND
+    # non_embedding | total | active_non_embedding | active_total: the N of every fit, of C = 6ND and of the
+    # sweep's sizes (active: the parameters a token uses, for mixtures of experts)
+    params: str = "non_embedding"
     # 6nd: C = 6 N D; measured: C = each run's training FLOPs (attention and lm head included, flops.py)
     compute: str = "6nd"
     bootstrap: int = 100  # resamples for the confidence intervals; 0: none
@@ -281,7 +314,7 @@ class FitConfig:
     def __post_init__(self) -> None:
         self.input = as_list("fit.input", self.input, str)
         check_choice("fit.approach", str(self.approach), ("1", "2", "3", "all", "hparams", "data"))
-        check_choice("fit.params", self.params, ("non_embedding", "total"))
+        check_choice("fit.params", self.params, ("non_embedding", "total", "active_non_embedding", "active_total"))
         check_choice("fit.compute", self.compute, ("6nd", "measured"))
         check_choice("fit.loss", self.loss, ("eval", "train"))
 
@@ -441,11 +474,56 @@ def validate_model(model: ModelConfig, tp: int = 1) -> None:
         raise ConfigError(f"model.n_heads={model.n_heads} must be divisible by model.n_kv_heads={model.kv_heads}")
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError(f"model.dropout={model.dropout} must be in [0, 1)")
+    validate_moe(model)
     for key, value in (("model.n_heads", model.n_heads), ("model.n_kv_heads", model.kv_heads),
                        ("model.ffn_hidden", model.ffn_dim), ("model.vocab_size", model.vocab_size or 0)):
         if value % tp:
             raise ConfigError(f"{key}={value} is not divisible by parallel.tp={tp}; "
                               f"tensor parallelism splits it evenly across ranks")
+
+
+def validate_moe(model: ModelConfig) -> None:
+    moe = model.moe
+    if moe.experts < 0:
+        raise ConfigError(f"model.moe.experts={moe.experts} must be >= 0 (0: a dense model)")
+    if moe.experts == 0:
+        return
+    check_choice("model.moe.router", moe.router, ("softmax", "sigmoid"))
+    if not 1 <= moe.top_k <= moe.experts:
+        raise ConfigError(f"model.moe.top_k={moe.top_k} must be in [1, model.moe.experts={moe.experts}]")
+    if not 0 <= moe.first_dense_layers < model.n_layers:
+        raise ConfigError(f"model.moe.first_dense_layers={moe.first_dense_layers} must be in [0, "
+                          f"model.n_layers={model.n_layers}): at least one block must be a MoE block")
+    if moe.shared_experts < 0 or (moe.expert_ffn_hidden is not None and moe.expert_ffn_hidden <= 0):
+        raise ConfigError(f"model.moe.shared_experts={moe.shared_experts} must be >= 0 and "
+                          f"model.moe.expert_ffn_hidden={moe.expert_ffn_hidden} positive (or null)")
+    for key in ("aux_loss_coef", "bias_update_rate", "z_loss_coef"):
+        if not (math.isfinite(getattr(moe, key)) and getattr(moe, key) >= 0):
+            raise ConfigError(f"model.moe.{key}={getattr(moe, key)} must be a finite number >= 0 (0: off)")
+
+
+def validate_expert_parallel(model: ModelConfig, par: ParallelConfig) -> None:
+    """What expert parallelism composes with (docs/moe.md says why)."""
+    experts = model.moe.experts
+    if par.ep > 1 and experts == 0:
+        raise ConfigError(f"parallel.ep={par.ep} needs a mixture-of-experts model (model.moe.experts > 0, "
+                          "e.g. model=tiny-moe); use parallel.ep=1 for a dense model")
+    if par.ep > 1 and experts % par.ep:
+        raise ConfigError(f"parallel.ep={par.ep} must divide model.moe.experts={experts}: each EP rank computes "
+                          "an equal share of the experts")
+    if experts and par.pp > 1:
+        raise ConfigError(f"parallel.pp={par.pp} with model.moe.experts={experts}: the router losses are not carried "
+                          "between pipeline stages in this version; use parallel.pp=1 (TP, DP, EP and ZeRO compose)")
+    if experts and par.cp > 1:
+        raise ConfigError(f"parallel.cp={par.cp} with model.moe.experts={experts}: the sequence-wise balance loss "
+                          "needs whole sequences on a rank; use parallel.cp=1")
+    if experts and par.zero_stage == 3:  # measured: the first loss already differs from one process (docs/moe.md)
+        raise ConfigError(f"parallel.zero_stage=3 with model.moe.experts={experts}: not verified to compute the "
+                          "same model in this version; use parallel.zero_stage=1 or 2 (optimizer states, and "
+                          "gradients with 2, sharded over DP)")
+    if experts and par.sequence_parallel:
+        raise ConfigError(f"parallel.sequence_parallel=true with model.moe.experts={experts}: the sequence-wise "
+                          "balance loss needs whole sequences on a rank; use parallel.sequence_parallel=false")
 
 
 def validate_optim(optim: OptimConfig) -> None:
@@ -555,11 +633,9 @@ def validate(cfg: Config, world_size: int) -> Layout:
     for key in ("tp", "pp", "cp", "ep"):
         if getattr(par, key) < 1:
             raise ConfigError(f"parallel.{key}={getattr(par, key)} must be >= 1")
-    if par.ep > 1:  # the mesh has the dimension; the model does not use it yet
-        raise ConfigError(f"parallel.ep={par.ep}: expert parallelism is not available in this version; "
-                          "use parallel.ep=1")
     validate_model(model, par.tp)
     _validate_context_parallel(cfg)
+    validate_expert_parallel(model, par)
     if par.reduce_bucket_size is not None and par.reduce_bucket_size < 1:
         raise ConfigError(f"parallel.reduce_bucket_size={par.reduce_bucket_size} must be a positive element count "
                           "(or null: DeepSpeed's 5e8)")

@@ -38,7 +38,7 @@ from megatrain.config import (
 from megatrain.data.errors import DataError
 from megatrain.data.manifest import vocab_from_data
 from megatrain.parallel.stages import bubble_fraction, stage_layers
-from megatrain.scaling.flops import ParamCounts, param_counts, training_flops_per_token
+from megatrain.scaling.flops import ParamCounts, expert_params, param_counts, training_flops_per_token
 
 GB = 1e9
 # DeepSpeed's defaults, which megatrain's DeepSpeed config leaves unchanged.
@@ -106,7 +106,11 @@ def _block_and_norm(model: ModelConfig) -> tuple[int, int]:
     return param_counts(replace(model, n_layers=1)).non_embedding - norm, norm
 
 
-def _block_params_per_rank(model: ModelConfig, tp: int) -> int:
+def _block_params_per_rank(model: ModelConfig, tp: int, layer: int = 0) -> int:
+    if model.is_moe_layer(layer):  # router and routed experts replicated over TP, the rest as a dense block
+        moe = model.moe  # whose MLP is the shared experts' (TP-sharded)
+        dense = replace(model, ffn_hidden=moe.shared_experts * model.expert_ffn_dim, moe=replace(moe, experts=0))
+        return _block_params_per_rank(dense, tp) + expert_params(model)
     block, norm = _block_and_norm(model)
     replicated = 2 * norm + (2 * model.d_model if model.bias else 0)  # norms and row-parallel biases
     return (block - replicated) // tp + replicated
@@ -124,7 +128,10 @@ def stage_params(cfg: Config) -> list[int]:
     table = model.vocab_size * model.d_model // tp
     embed = table + (model.max_seq_len * model.d_model if model.position == "learned" else 0)
     head = norm + (0 if model.tie_embeddings else table)
-    out = [blocks * _block_params_per_rank(model, tp) for blocks in blocks_per_stage(cfg)]
+    counts = blocks_per_stage(cfg)
+    firsts = [sum(counts[:i]) for i in range(len(counts))]
+    out = [sum(_block_params_per_rank(model, tp, layer) for layer in range(first, first + blocks))
+           for first, blocks in zip(firsts, counts)]
     out[0] += embed
     out[-1] += head
     if model.tie_embeddings and len(out) > 1:
@@ -186,15 +193,28 @@ def activation_bytes(cfg: Config, micro_batch: int, grad_accum: int, checkpointi
     layer = layer_activation_bytes(model, tp, sp, train.precision, checkpointing)
     layers = blocks_per_stage(cfg)[stage]
     in_flight = min(par.pp - stage, grad_accum)
+    moe_layers = sum(model.is_moe_layer(i) for i in range(model.n_layers)) if par.pp == 1 else 0  # PP x MoE: refused
+    dispatch = moe_dispatch_bytes(model, a)
     if checkpointing == "full":
         # Each block keeps its input; backward recomputes one block at a time.
-        kept = layers * in_flight * a * (model.d_model / tp if sp else model.d_model) + layer
+        kept = (layers * in_flight * a * (model.d_model / tp if sp else model.d_model) + layer
+                + min(moe_layers, 1) * dispatch)
     else:
-        kept = layers * in_flight * layer
+        kept = layers * in_flight * layer + moe_layers * in_flight * dispatch
     # the last stage: the fused head + loss (under PP its loss runs in DeepSpeed's loss_fn, on whole logits)
     head = sum(head_activation_bytes(model, tp, sp, train.precision, tokens, whole_logits=par.pp > 1)) \
         if stage == par.pp - 1 else 0.0
     return tokens * kept + head
+
+
+def moe_dispatch_bytes(model: ModelConfig, a: int) -> float:
+    """Per token of a MoE layer, on top of its dense terms (whose MLP stands for the shared experts): the
+    top_k routed copies kept for backward -- gathered, sent, regrouped, expert output, returned (5 x d) and
+    the routed experts' hidden activations (3 x f with SwiGLU, else 2) -- plus fp32 router logits and scores.
+    Routed experts are replicated over TP: no 1/tp."""
+    k, f = model.moe.top_k, model.expert_ffn_dim
+    hidden = 3 if model.activation == "swiglu" else 2
+    return k * a * (5 * model.d_model + hidden * f) + 2 * 4 * model.moe.experts
 
 
 def head_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str, tokens: int,

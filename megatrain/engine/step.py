@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from megatrain.model import moe
 from megatrain.observe.meters import StepTimer
 
 Batch = dict[str, torch.Tensor]
@@ -56,6 +57,7 @@ def train_step(engine, next_batch: Callable[[], Batch], grad_accum: int, device:
         engine.step()  # DeepSpeed counts micro-batches: the optimizer steps at the boundary only
         timer.stop("optim_s")
         total += loss.detach()
+    moe.after_step(engine.module)  # expert load of the global batch, selection-bias update (MoE only)
     return _dp_mean(total / grad_accum, dp_group), lr
 
 

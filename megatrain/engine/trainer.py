@@ -35,6 +35,7 @@ from megatrain.engine.run_dir import (
 from megatrain.engine.schedule import on_resume
 from megatrain.engine.step import eval_loss, train_step
 from megatrain.model.attention import check_attention
+from megatrain.model.moe import load_metrics
 from megatrain.observe.logger import MetricsLogger, setup_console_logging
 from megatrain.observe.meters import LossWatch, StepTimer, Throughput, memory_stats, peak_flops, process_memory, to_host
 from megatrain.parallel.mesh import Mesh
@@ -245,7 +246,8 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
                        "tokens": tokens, "tokens_per_s": tps, "tokens_per_s_per_device": tps / layout.world,
                        "tflops_per_device": achieved / 1e12, **({"mfu": achieved / peak} if peak else {}),
                        "step_time_s": elapsed / window.steps, "restart_count": env.restart_count,
-                       **{k: v / window.steps for k, v in timer.pop().items()}, **memory_stats(device)}
+                       **{k: v / window.steps for k, v in timer.pop().items()}, **memory_stats(device),
+                       **load_metrics(engine.module)}
                 window.restart()
             if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
                 with window.excluded(device):  # eval time is not training throughput
@@ -284,6 +286,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         if cfg.train.sample_tokens > 0 and layout.pp == 1:  # sampling through pipeline stages: not yet
             _print_sample(engine, cfg, data.tokenizer_path, device, env.rank)
         summary = {"params_total": counts.total, "params_non_embedding": counts.non_embedding,
+                   "params_active": counts.active_total, "params_active_non_embedding": counts.active_non_embedding,
                    "vocab_size": cfg.model.vocab_size, "tokenizer_vocab_size": data.vocab_size,
                    "tokens": tokens, "flops": tokens * flops_per_token, "steps": step,
                    **dict(zip(("unique_tokens", "epochs"), loader.seen())),

@@ -1,7 +1,9 @@
 """Hugging Face `transformers` format: export a checkpoint, import a model to train from.
 
 LLaMA-style models (RMSNorm, RoPE, SwiGLU) become `LlamaForCausalLM`, GPT-2-style ones (LayerNorm,
-learned positions, tanh GELU) `GPT2LMHeadModel`. Both use the same RoPE layout (half split) and
+learned positions, tanh GELU) `GPT2LMHeadModel`, LLaMA-style mixtures of experts `Qwen2MoeForCausalLM`
+(softmax router, normalised top-k, one shared-expert MLP: its sigmoid gate gets zero weights, i.e. 0.5,
+and its down projection is doubled, which is exact in floating point). Both use the same RoPE layout (half split) and
 the same attention scaling as megatrain, so weights map one to one; GPT-2's Conv1D layers store
 weights transposed and fuse q, k, v. Export reads the checkpoint's portable copy: no process
 group, no DeepSpeed, any training layout.
@@ -29,7 +31,15 @@ GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 
 
 def architecture(m: ModelConfig) -> str:
-    """"llama" or "gpt2"; a model neither can represent fails naming the keys that prevent it."""
+    """"llama", "gpt2" or "qwen2_moe"; a model none can represent fails naming the keys that prevent it."""
+    if m.moe.experts:
+        if (m.norm, m.position, m.activation, m.bias) != ("rmsnorm", "rope", "swiglu", False) or \
+                m.moe.router != "softmax" or m.moe.bias_update_rate:
+            raise ValueError(f"model.moe.router={m.moe.router} model.moe.bias_update_rate={m.moe.bias_update_rate} "
+                             f"model.bias={m.bias}: export writes mixtures of experts as Qwen2-MoE, which needs "
+                             "model.moe.router=softmax, model.moe.bias_update_rate=0 (no selection bias), "
+                             "rmsnorm+rope+swiglu and model.bias=false")
+        return "qwen2_moe"
     if (m.norm, m.position, m.activation) == ("rmsnorm", "rope", "swiglu"):
         return "llama"
     if (m.norm, m.position, m.activation) == ("layernorm", "learned", "gelu"):
@@ -45,12 +55,25 @@ def architecture(m: ModelConfig) -> str:
 def hf_config(m: ModelConfig, eos_id: int | None = None):
     """The transformers config object of the same model."""
     import transformers
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig, Qwen2MoeConfig
 
     if int(transformers.__version__.split(".")[0]) < 5:
         # 4.x ignores rope_parameters and would save rope_theta=10000 whatever the model's is.
         raise ValueError(f"export needs transformers>=5.0 (its RoPE config keys), not {transformers.__version__}")
 
+    if architecture(m) == "qwen2_moe":
+        moe = m.moe
+        return Qwen2MoeConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_dim,
+                              num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+                              num_key_value_heads=m.kv_heads, hidden_act="silu", max_position_embeddings=m.max_seq_len,
+                              rms_norm_eps=m.norm_eps, rope_parameters={"rope_type": "default",
+                                                                        "rope_theta": m.rope_theta},
+                              tie_word_embeddings=m.tie_embeddings, decoder_sparse_step=1,
+                              moe_intermediate_size=m.expert_ffn_dim,
+                              shared_expert_intermediate_size=max(moe.shared_experts, 1) * m.expert_ffn_dim,
+                              num_experts_per_tok=moe.top_k, num_experts=moe.experts, norm_topk_prob=True,
+                              mlp_only_layers=list(range(moe.first_dense_layers)), qkv_bias=False,
+                              bos_token_id=eos_id, eos_token_id=eos_id, architectures=["Qwen2MoeForCausalLM"])
     if architecture(m) == "llama":
         return LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_dim,
                            num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
@@ -97,7 +120,7 @@ def model_config_from_hf(config) -> dict:
 def _renames(m: ModelConfig) -> dict[str, str]:
     """canonical name -> HF name, for the tensors that map one to one (GPT-2 attention is fused apart)."""
     names: dict[str, str] = {}
-    if architecture(m) == "llama":
+    if architecture(m) in ("llama", "qwen2_moe"):
         names["embed.tokens.weight"] = "model.embed_tokens.weight"
         names["head.norm.weight"] = "model.norm.weight"
         for i in range(m.n_layers):
@@ -105,8 +128,9 @@ def _renames(m: ModelConfig) -> dict[str, str]:
             names[f"{b}.attn_norm.weight"] = f"{h}.input_layernorm.weight"
             names[f"{b}.mlp_norm.weight"] = f"{h}.post_attention_layernorm.weight"
             parts = [("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"), ("attn.v", "self_attn.v_proj"),
-                     ("attn.o", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"), ("mlp.up", "mlp.up_proj"),
-                     ("mlp.down", "mlp.down_proj")]
+                     ("attn.o", "self_attn.o_proj")]
+            if not m.is_moe_layer(i):  # MoE blocks: _moe_to_hf
+                parts += [("mlp.gate", "mlp.gate_proj"), ("mlp.up", "mlp.up_proj"), ("mlp.down", "mlp.down_proj")]
             for ours, theirs in parts:
                 for kind in ("weight", "bias") if m.bias else ("weight",):
                     names[f"{b}.{ours}.{kind}"] = f"{h}.{theirs}.{kind}"
@@ -140,7 +164,27 @@ def to_hf(m: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.T
             out[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat([weights[f"{b}.{x}.weight"] for x in "qkv"]).t()
             biases = [weights.get(f"{b}.{x}.bias", torch.zeros(m.d_model)) for x in "qkv"]
             out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(biases)
+    if architecture(m) == "qwen2_moe":
+        out.update(_moe_to_hf(m, weights))
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _moe_to_hf(m: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Qwen2-MoE's MoE blocks: router, fused gate/up experts [E, 2f, d], down [E, d, f], gated shared expert."""
+    out = {}
+    for i in (i for i in range(m.n_layers) if m.is_moe_layer(i)):
+        b, h = f"blocks.{i}.mlp", f"model.layers.{i}.mlp"
+        out[f"{h}.gate.weight"] = weights[f"{b}.router"]
+        out[f"{h}.experts.gate_up_proj"] = torch.cat([weights[f"{b}.experts.gate"], weights[f"{b}.experts.up"]], 1)
+        out[f"{h}.experts.down_proj"] = weights[f"{b}.experts.down"]
+        f, d = m.expert_ffn_dim, m.d_model
+        for ours, theirs, shape in (("gate", "gate_proj", (f, d)), ("up", "up_proj", (f, d)),
+                                    ("down", "down_proj", (d, f))):
+            # No shared experts: a zero MLP. Shared experts: always on, so sigmoid(0) = 0.5 times twice the output.
+            value = weights[f"{b}.shared.{ours}.weight"] if m.moe.shared_experts else torch.zeros(shape)
+            out[f"{h}.shared_expert.{theirs}.weight"] = 2 * value if ours == "down" else value
+        out[f"{h}.shared_expert_gate.weight"] = torch.zeros(1, d)
+    return out
 
 
 def export_checkpoint(checkpoint: Path, output: Path, dtype: str = "float32") -> str:

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatrain.config import ModelConfig
 from megatrain.model.attention import DocumentMask, attend
+from megatrain.model.moe import MoE
 from megatrain.model.norms import Norm
 from megatrain.model.rope import apply_rope, rope_tables
 from megatrain.parallel.context import context_parallel_attention, cp_mean_loss, zigzag_positions
@@ -47,6 +48,7 @@ class Context:
             self.rope = tuple(table[positions] for table in self.rope)
         # block-causal: attend only to earlier tokens of the same document, in the kernel's own form
         self.mask = None if doc_ids is None else DocumentMask.build(doc_ids, cfg.attention_backend)
+        self.aux_losses: list[torch.Tensor] = []  # MoE balance losses of this forward, added to the training loss
 
 
 class Attention(nn.Module):
@@ -103,17 +105,18 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool = False, checkpointing: str = "none"):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool = False, checkpointing: str = "none", layer: int = 0):
         super().__init__()
         self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias, mesh, sp)
         self.attn = Attention(cfg, mesh, sp, selective_checkpoint=checkpointing == "selective")
         self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias, mesh, sp)
-        self.mlp = MLP(cfg, mesh, sp)
+        self.mlp = MoE(cfg, mesh, sp, dense_mlp=MLP) if cfg.is_moe_layer(layer) else MLP(cfg, mesh, sp)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), ctx))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        h = self.mlp_norm(x)
+        return x + self.dropout(self.mlp(h, ctx.aux_losses) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class Embedding(nn.Module):
@@ -178,7 +181,8 @@ class Transformer(nn.Module):
         mesh = mesh or Mesh.single()
         self.cfg, self.mesh, self.full_checkpoint = cfg, mesh, checkpointing == "full"
         self.embed = Embedding(cfg, mesh, sequence_parallel)
-        self.blocks = nn.ModuleList(Block(cfg, mesh, sequence_parallel, checkpointing) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, mesh, sequence_parallel, checkpointing, layer)
+                                    for layer in range(cfg.n_layers))
         self.head = Head(cfg, mesh, sequence_parallel)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -195,6 +199,8 @@ class Transformer(nn.Module):
             else:
                 h = block(h, ctx)
         out = self.head(h, labels, self.embed if self.cfg.tie_embeddings else None)
+        if labels is not None and self.training and ctx.aux_losses:
+            out = out + sum(ctx.aux_losses)
         # The loss over all tokens (equal counts per rank); logits stay this rank's chunks' (in `positions` order).
         return cp_mean_loss(out, self.mesh.cp_group) if self.mesh.cp > 1 and labels is not None else out
 

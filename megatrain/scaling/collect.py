@@ -24,7 +24,9 @@ from megatrain.scaling.fit import Point
 from megatrain.scaling.flops import param_counts, training_flops_per_token
 
 WANDB_PREFIX = "wandb:"
-PARAM_KEYS = {"non_embedding": "params_non_embedding", "total": "params_total"}
+# fit.params -> summary.json key; active_*: what a token uses (MoE: top_k of the routed experts; dense: the same)
+PARAM_KEYS = {"non_embedding": "params_non_embedding", "total": "params_total",
+              "active_non_embedding": "params_active_non_embedding", "active_total": "params_active"}
 LOSS_KEYS = {"eval": ("final_eval_loss", "eval_loss"), "train": ("final_loss", "loss")}
 
 

@@ -13,7 +13,7 @@ FLOPs per token (Chinchilla appendix F; PaLM appendix B):
     forward  = 2 * N_matmul + 4 * L * T * d_attn
     training = 3 * forward = 6 * N_matmul + 12 * L * T * d_attn
 where
-    N_matmul = non_embedding + V * d: every weight that multiplies an activation once per token,
+    N_matmul = active non_embedding + V * d: every weight that multiplies an activation once per token,
                i.e. the non-embedding weights plus the output projection (tied or not). The token
                and position embeddings are lookups, not matmuls, so they cost no FLOPs.
     L = n_layers, T = seq_len (the trained context), d_attn = n_heads * head_dim.
@@ -35,6 +35,10 @@ class ParamCounts:
     total: int
     embedding: int
     non_embedding: int
+    # What one token uses: a MoE block counts its router, shared experts and top_k of its routed experts
+    # (equal to the totals for a dense model). FLOPs per token, and so MFU, follow the active count.
+    active_non_embedding: int = 0
+    active_total: int = 0
 
 
 def _norm_params(m: ModelConfig) -> int:
@@ -42,16 +46,28 @@ def _norm_params(m: ModelConfig) -> int:
     return m.d_model * (2 if m.norm == "layernorm" and m.bias else 1)
 
 
-def _block_params(m: ModelConfig) -> int:
-    d, q_dim, kv_dim, f = m.d_model, m.n_heads * m.head_dim, m.kv_heads * m.head_dim, m.ffn_dim
+def _mlp_params(m: ModelConfig, f: int, bias: bool) -> int:
+    n_mlp_in = 2 if m.activation == "swiglu" else 1  # swiglu: gate and up
+    return n_mlp_in * f * m.d_model + m.d_model * f + ((n_mlp_in * f + m.d_model) if bias else 0)
+
+
+def _block_params(m: ModelConfig, layer: int, active: bool) -> int:
+    """One block's parameters; `active`: only those a token uses (its top_k routed experts of a MoE block)."""
+    d, q_dim, kv_dim = m.d_model, m.n_heads * m.head_dim, m.kv_heads * m.head_dim
     attention = d * q_dim + 2 * d * kv_dim + q_dim * d
     if m.bias:
         attention += q_dim + 2 * kv_dim + d
-    n_mlp_in = 2 if m.activation == "swiglu" else 1  # swiglu: gate and up
-    mlp = n_mlp_in * f * d + d * f
-    if m.bias:
-        mlp += n_mlp_in * f + d
-    return 2 * _norm_params(m) + attention + mlp
+    if not m.is_moe_layer(layer):
+        return 2 * _norm_params(m) + attention + _mlp_params(m, m.ffn_dim, m.bias)
+    moe = m.moe  # router + routed experts (no biases) + the shared experts' dense MLP
+    routed = (moe.top_k if active else moe.experts) * _mlp_params(m, m.expert_ffn_dim, False)
+    shared = _mlp_params(m, moe.shared_experts * m.expert_ffn_dim, m.bias) if moe.shared_experts else 0
+    return 2 * _norm_params(m) + attention + moe.experts * d + routed + shared
+
+
+def expert_params(m: ModelConfig) -> int:
+    """Router and routed experts of one MoE block: what megatrain replicates over TP (model/moe.py)."""
+    return m.moe.experts * (m.d_model + _mlp_params(m, m.expert_ffn_dim, False))
 
 
 def param_counts(m: ModelConfig) -> ParamCounts:
@@ -61,13 +77,15 @@ def param_counts(m: ModelConfig) -> ParamCounts:
         embedding += m.max_seq_len * m.d_model
     if not m.tie_embeddings:
         embedding += m.vocab_size * m.d_model
-    non_embedding = m.n_layers * _block_params(m) + _norm_params(m)
-    return ParamCounts(total=embedding + non_embedding, embedding=embedding, non_embedding=non_embedding)
+    non_embedding, active = (sum(_block_params(m, layer, a) for layer in range(m.n_layers)) + _norm_params(m)
+                             for a in (False, True))
+    return ParamCounts(total=embedding + non_embedding, embedding=embedding, non_embedding=non_embedding,
+                       active_non_embedding=active, active_total=embedding + active)
 
 
 def matmul_params(m: ModelConfig) -> int:
-    """Weights used in one multiply-add per token: non-embedding plus the output projection."""
-    return param_counts(m).non_embedding + m.vocab_size * m.d_model
+    """Weights used in one multiply-add per token: the active non-embedding ones plus the output projection."""
+    return param_counts(m).active_non_embedding + m.vocab_size * m.d_model
 
 
 def forward_flops_per_token(m: ModelConfig, seq_len: int) -> float:

@@ -56,6 +56,7 @@ def test_hydra_errors_are_one_line_exit_2_in_every_launcher(tmp_path, launcher, 
     ("train.spike_factor=0.5", ("train.spike_factor=0.5", "0 (off) or a finite number > 1")),
     ("train.spike_window=0", ("train.spike_window=0", ">= 1")),
     ("model.attention_backend=flash", ("model.attention_backend='flash'", "auto, math")),
+    ("parallel.ep=2", ("parallel.ep=2", "needs a mixture-of-experts model")),
 ])
 def test_bad_values_are_refused_by_the_planner_with_the_key(override, needles):
     _one_line_error(cli("launcher.plan", "model=tiny", "model.vocab_size=512", override), *needles)
