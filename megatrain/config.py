@@ -181,8 +181,9 @@ class DataConfig:
     # Shards hashed again at every start although unchanged since a passed check (size + mtime), so a shard
     # altered with its mtime restored is caught within about 1/verify_fraction starts; 1: all, 0: none.
     verify_fraction: float = 0.02
-    # Training batches built ahead in a background thread while the step runs (pinned memory on CUDA); 0: none.
-    prefetch: int = 2
+    # Training batches built ahead in a background thread while the step runs (pinned memory on CUDA); 0: none;
+    # null: 2 on CUDA, 0 on CPU (where the thread competes with the step for the cores).
+    prefetch: Optional[int] = None
 
 
 @dataclass

@@ -69,9 +69,9 @@ def check_data(data: DataConfig, tokenizer: TokenizerConfig, *, seq_len: int, mo
     if not 0.0 <= data.verify_fraction <= 1.0:
         raise DataError(f"data.verify_fraction={data.verify_fraction} must be in [0, 1] (the share of unchanged "
                         "shards hashed again at each start)")
-    if not 0 <= data.prefetch <= MAX_PREFETCH:
+    if data.prefetch is not None and not 0 <= data.prefetch <= MAX_PREFETCH:
         raise DataError(f"data.prefetch={data.prefetch} must be in [0, {MAX_PREFETCH}] (training batches built "
-                        "ahead while the step runs; 0: none)")
+                        "ahead while the step runs; 0: none), or null (2 on CUDA, 0 on CPU)")
     if evaluate and not fraction and not data.valid_path:
         raise DataError("train.eval_interval > 0 needs validation data: set data.valid_fraction > 0 or "
                         "data.valid_path, or train.eval_interval=0 to train without eval")

@@ -18,6 +18,7 @@ import torch
 from megatrain.data.dataset import TokenLoader
 
 _POLL_S = 0.1  # how often a blocked thread checks for shutdown
+AUTO_DEPTH = 2  # data.prefetch=null on CUDA: one batch ready, one being built
 
 
 class Prefetcher:
@@ -104,6 +105,10 @@ def _put(out: queue.Queue, item: tuple, stop: threading.Event) -> None:
             continue
 
 
-def run_ahead(loader: TokenLoader, depth: int, device: torch.device) -> TokenLoader | Prefetcher:
-    """`depth` batches built ahead (0: the loader itself, batches built in the step), pinned on CUDA."""
+def run_ahead(loader: TokenLoader, depth: int | None, device: torch.device) -> TokenLoader | Prefetcher:
+    """`depth` batches built ahead, pinned on CUDA; 0: the loader itself (batches built in the step); None: 2 on
+    CUDA, where the host idles while the device computes, and 0 on CPU, where a thread takes cores from the
+    step (docs/benchmarks.md, "Loader")."""
+    if depth is None:
+        depth = AUTO_DEPTH if device.type == "cuda" else 0
     return Prefetcher(loader, depth, pin_memory=device.type == "cuda") if depth > 0 else loader

@@ -13,7 +13,7 @@ import torch
 
 from megatrain.data.dataset import TokenLoader, blend_picks
 from megatrain.data.errors import DataError
-from megatrain.data.prefetch import Prefetcher
+from megatrain.data.prefetch import Prefetcher, run_ahead
 from tests.unit.data_calls import run_check_data
 from tests.unit.test_data_loader import config, data, loader  # noqa: F401 - data: its prepared-sets fixture
 
@@ -153,3 +153,10 @@ def test_a_prefetch_depth_out_of_range_is_a_one_line_error(sets, depth):
     cfg = config(sets[0], prefetch=depth)
     with pytest.raises(DataError, match=rf"data.prefetch={depth} must be in \[0, 8\]"):
         run_check_data(cfg)
+
+
+def test_prefetch_null_runs_ahead_on_cuda_only_and_a_depth_is_taken_as_given(sets):
+    ld = loader(config(sets[0]))
+    assert run_ahead(ld, None, torch.device("cpu")) is ld and run_ahead(ld, 0, torch.device("cpu")) is ld
+    with run_ahead(ld, 3, torch.device("cpu")) as ahead:
+        assert isinstance(ahead, Prefetcher) and ahead.depth == 3 and not ahead.pin_memory
