@@ -210,8 +210,9 @@ def comm_buffer_bytes(cfg: Config, params: int, block_params: int, zero: int) ->
     if zero == 0:
         return 0.0
     # Gradients sit in reduce buckets (up to reduce_bucket_size elements) until they are reduced;
-    # sized here by the gradients that fill them (DeepSpeed allocates the whole bucket at ZeRO-3).
-    bucket = min(params, reduce_bucket_elements(cfg)) * width
+    # sized here by the gradients that fill them. ZeRO-1/2 with overlap_comm keep two (one filling while
+    # the other is reduced; DeepSpeed 0.19 stage_1_and_2.py).
+    bucket = min(params, reduce_bucket_elements(cfg)) * width * (2 if zero in (1, 2) else 1)
     if zero == 3:  # the block being computed and the one prefetched, in the training precision
         bucket += 2 * block_params * (2 if cfg.train.precision == "bf16" else 4)
     return bucket
