@@ -127,7 +127,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # Blocks per pipeline stage, e.g. [5, 6, 5]; None balances training FLOPs (parallel/stages.py).
     pp_split: Optional[List[int]] = None
-    # ZeRO gradient reduce bucket in elements; None: DeepSpeed's 5e8 (2 GB per rank in fp32 at ZeRO-3).
+    # ZeRO gradient reduce bucket in elements; None: d_model^2 (config.reduce_bucket_elements).
     reduce_bucket_size: Optional[int] = None
 
 
@@ -232,6 +232,9 @@ class DataConfig:
     # Shards hashed again at every start although unchanged since a passed check (size + mtime), so a shard
     # altered with its mtime restored is caught within about 1/verify_fraction starts; 1: all, 0: none.
     verify_fraction: float = 0.02
+    # Training batches built ahead in a background thread while the step runs (pinned memory on CUDA); 0: none;
+    # null: 2 on CUDA, 0 on CPU (where the thread competes with the step for the cores).
+    prefetch: Optional[int] = None
 
 
 @dataclass
@@ -396,6 +399,13 @@ class Config:
 def grad_reduce_dtype(cfg: Config) -> str:
     """fp32 | bf16: what gradients are accumulated and reduced in (always fp32 when training in fp32)."""
     return cfg.train.grad_reduce_dtype if cfg.train.precision == "bf16" else "fp32"
+
+
+def reduce_bucket_elements(cfg: Config) -> int:
+    """ZeRO's gradient bucket (elements): parallel.reduce_bucket_size, or d_model^2 (the rule of HF transformers'
+    DeepSpeed "auto" values; 16.8M for d 4096) instead of DeepSpeed's 5e8: buckets fill and are reduced while
+    backward still runs, and the bucket left for the end of backward is small."""
+    return cfg.parallel.reduce_bucket_size or cfg.model.d_model ** 2
 
 
 def register_configs() -> None:

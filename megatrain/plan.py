@@ -31,6 +31,7 @@ from megatrain.config import (
     ModelConfig,
     grad_reduce_dtype,
     padded_vocab_size,
+    reduce_bucket_elements,
     to_config,
     validate,
     validate_plan,
@@ -41,8 +42,6 @@ from megatrain.parallel.stages import bubble_fraction, stage_layers
 from megatrain.scaling.flops import ParamCounts, expert_params, param_counts, training_flops_per_token
 
 GB = 1e9
-# DeepSpeed's defaults, which megatrain's DeepSpeed config leaves unchanged.
-REDUCE_BUCKET = 500_000_000  # zero_optimization.reduce_bucket_size (elements), unless parallel.reduce_bucket_size
 CHECKPOINTING = ("none", "selective", "full")
 # plan.search tries context parallelism only while each rank keeps at least this many tokens of a sample:
 # below it the ring's K/V traffic outgrows the attention it hides behind (Megatron-Core's guidance: CP for 8k+).
@@ -240,8 +239,9 @@ def comm_buffer_bytes(cfg: Config, params: int, block_params: int, zero: int) ->
     if zero == 0:
         return 0.0
     # Gradients sit in reduce buckets (up to reduce_bucket_size elements) until they are reduced;
-    # sized here by the gradients that fill them (DeepSpeed allocates the whole bucket at ZeRO-3).
-    bucket = min(params, cfg.parallel.reduce_bucket_size or REDUCE_BUCKET) * width
+    # sized here by the gradients that fill them. ZeRO-1/2 with overlap_comm keep two (one filling while
+    # the other is reduced; DeepSpeed 0.19 stage_1_and_2.py).
+    bucket = min(params, reduce_bucket_elements(cfg)) * width * (2 if zero in (1, 2) else 1)
     if zero == 3:  # the block being computed and the one prefetched, in the training precision
         bucket += 2 * block_params * (2 if cfg.train.precision == "bf16" else 4)
     return bucket
@@ -295,23 +295,45 @@ def _step_time(cfg: Config, layout: Layout, checkpointing: str, params: int) -> 
                  / flops_per_token}[checkpointing]
     busy = 1 - bubble_fraction(pp, accum)  # 1F1B: pp - 1 idle micro-batch slots per step
     compute = tokens * flops_per_token * (1 + recompute) / (layout.world * _peak(cfg) * hw.mfu) / busy
-    intra, inter = hw.intra_node_gbps * GB, hw.inter_node_gbps * GB
+    intra = hw.intra_node_gbps * GB
     # TP: 4 all-reduces (or all-gather + reduce-scatter) of [micro, seq, d] per block per micro
     # batch, on the critical path; +2 when blocks are recomputed.
     ops = 4 + (2 if checkpointing == "full" else 0)
     tp_bytes = ops * (model.n_layers / pp) * accum * micro * train.seq_len / layout.cp * model.d_model * act_bytes
     tp_time = 2 * (tp - 1) / tp * tp_bytes / intra if tp > 1 else 0.0
-    # DP: gradient reduction (+ parameter gathers at ZeRO-3, every micro batch), overlapped with backward.
-    ring = (dp - 1) / dp
-    grad_bytes = ring * act_bytes * params
-    dp_bytes = {0: 2 * grad_bytes, 1: 2 * grad_bytes, 2: grad_bytes * (accum + 1),
-                3: 3 * grad_bytes * accum}[layout.zero_stage]
-    dp_bw = inter if tp * layout.cp * dp > hw.gpus_per_node else intra
-    exposed = max(0.0, dp_bytes / dp_bw - compute * 2 / 3) if dp > 1 else 0.0
+    dp_exposed = _exposed_dp_time(cfg, layout, params, act_bytes, compute) if dp > 1 else 0.0
     # CP: the ring's sends overlap the attention of the block held; whatever outlasts the compute shows.
-    cp_bw = inter if tp * layout.cp > hw.gpus_per_node else intra
+    cp_bw = (hw.inter_node_gbps if tp * layout.cp > hw.gpus_per_node else hw.intra_node_gbps) * GB
     cp_exposed = max(0.0, context_parallel_bytes(cfg, layout) / cp_bw - compute)
-    return compute + tp_time + exposed + cp_exposed
+    return compute + tp_time + dp_exposed + cp_exposed
+
+
+def _exposed_dp_time(cfg: Config, layout: Layout, params: int, act_bytes: int, compute: float) -> float:
+    """DP traffic the step waits for, under megatrain's DeepSpeed config (engine/deepspeed_config.py).
+
+    Overlapped: at ZeRO-1/2/3 gradients are reduced bucket by bucket from backward hooks (overlap_comm) behind
+    the backward still to run (2/3 of compute): ZeRO-1 at the last micro-batch only, ZeRO-2 and 3 at each;
+    ZeRO-3's parameter gathers (forward and backward, every micro-batch) are prefetched behind the block
+    before. Not overlapped: the last bucket's reduction; at ZeRO-1/2 the all-gather of the updated parameters
+    after the optimizer step; the whole all-reduce at ZeRO-0 and at ZeRO-1 with bf16 weights and fp32
+    gradients, where DeepSpeed swaps in its BF16_Optimizer, which reduces after backward.
+    """
+    dp, accum, hw = layout.dp, layout.grad_accum, cfg.plan
+    ring = (dp - 1) / dp
+    grad_width = 4 if grad_reduce_dtype(cfg) == "fp32" else 2
+    grad_bytes, gather_bytes = ring * grad_width * params, ring * act_bytes * params
+    last_bucket = ring * grad_width * min(params, reduce_bucket_elements(cfg))
+    bandwidth = (hw.inter_node_gbps if layout.tp * layout.cp * dp > hw.gpus_per_node else hw.intra_node_gbps) * GB
+    backward = compute * 2 / 3
+    stage = layout.zero_stage
+    if stage == 0:
+        return 2 * grad_bytes / bandwidth
+    if stage == 1 and cfg.train.precision == "bf16" and grad_width == 4:  # BF16_Optimizer
+        return (2 * grad_bytes + gather_bytes) / bandwidth
+    if stage == 3:
+        return max(last_bucket, grad_bytes * accum + 2 * gather_bytes * accum - compute * bandwidth) / bandwidth
+    reduced, behind = (grad_bytes, backward / accum) if stage == 1 else (grad_bytes * accum, backward)
+    return (max(last_bucket, reduced - behind * bandwidth) + gather_bytes) / bandwidth
 
 
 # ---------------------------------------------------------------- plans

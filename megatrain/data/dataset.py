@@ -11,6 +11,7 @@ the sample counter and one counter per dataset, so resume is exact.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from megatrain.data.shards import Stream, check_tokenizer_file, open_split, veri
 from megatrain.data.tokenizer import load_tokenizer, special_ids, tokenizer_hash  # load_tokenizer: public API
 
 _MASK64 = (1 << 64) - 1
+MAX_PREFETCH = 8  # batches built ahead hold host memory; one or two hide the build behind a step
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,9 @@ def check_data(data: DataConfig, tokenizer: TokenizerConfig, *, seq_len: int, mo
     if not 0.0 <= data.verify_fraction <= 1.0:
         raise DataError(f"data.verify_fraction={data.verify_fraction} must be in [0, 1] (the share of unchanged "
                         "shards hashed again at each start)")
+    if data.prefetch is not None and not 0 <= data.prefetch <= MAX_PREFETCH:
+        raise DataError(f"data.prefetch={data.prefetch} must be in [0, {MAX_PREFETCH}] (training batches built "
+                        "ahead while the step runs; 0: none), or null (2 on CUDA, 0 on CPU)")
     if evaluate and not fraction and not data.valid_path:
         raise DataError("train.eval_interval > 0 needs validation data: set data.valid_fraction > 0 or "
                         "data.valid_path, or train.eval_interval=0 to train without eval")
@@ -148,6 +153,61 @@ def _key(*parts: int) -> int:
     return h >> 2  # room for the round counter in permute
 
 
+def _merge_guess(weights: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
+    """The next n picks if each dataset's j-th next sample were due at (count + j + 0.5) / weight: the greedy
+    schedule exactly for two datasets up to float ties, a close guess for more."""
+    per = np.ceil(weights * n).astype(np.int64) + 2
+    due = np.concatenate([(counts[d] + np.arange(per[d]) + 0.5) / weights[d] for d in range(len(weights))])
+    owner = np.repeat(np.arange(len(weights)), per)
+    return owner[np.argsort(due, kind="stable")[:n]]
+
+
+def _repair(guess: np.ndarray, picks: np.ndarray, wrong: np.ndarray) -> np.ndarray:
+    """A better guess: picks are exact up to the first wrong step, and a tie broken the other way shows as two
+    neighbours swapped, so swap every such pair (non-overlapping) or, if the first one is no swap, move the
+    right dataset's next pick forward to it."""
+    first = int(wrong[0])
+    swaps = wrong[(wrong + 1 < len(guess)) & (guess[np.minimum(wrong + 1, len(guess) - 1)] == picks[wrong])]
+    swaps = swaps[np.r_[True, np.diff(swaps) > 1]] if len(swaps) else swaps
+    if len(swaps) and swaps[0] == first:
+        guess = guess.copy()
+        guess[swaps], guess[swaps + 1] = guess[swaps + 1], guess[swaps]
+        return guess
+    later = np.flatnonzero(guess[first:] == picks[first])
+    drop = first + int(later[0]) if len(later) else len(guess) - 1
+    return np.concatenate([guess[:first], picks[first:first + 1], np.delete(guess[first:], drop - first)])
+
+
+def blend_picks(weights: np.ndarray, samples: int, counts: list[int], n: int, window: int = 256) -> np.ndarray:
+    """`_blend_window` over windows of at most `window` steps: a repair pass costs the window, not n."""
+    out = np.empty(n, dtype=np.int64)
+    have = np.asarray(counts, dtype=np.int64)
+    for start in range(0, n, window):
+        picks = _blend_window(weights, samples + start, have, min(window, n - start))
+        out[start:start + len(picks)] = picks
+        have = have + np.bincount(picks, minlength=len(have))
+    return out
+
+
+def _blend_window(weights: np.ndarray, samples: int, counts: np.ndarray, n: int) -> np.ndarray:
+    """Dataset of each of the next n global samples under the greedy schedule (argmax of weight x samples -
+    count after each increment, first index on ties), vectorised: from a guess, compute every step's argmax
+    with the guess's own counts; a guess that agrees everywhere is the schedule (by induction on the steps),
+    otherwise repair it (each repair fixes at least the first wrong step). Same float arithmetic as a loop."""
+    have = np.asarray(counts, dtype=np.float64)
+    target = weights * np.arange(samples + 1, samples + n + 1, dtype=np.float64)[:, None]
+    guess = _merge_guess(weights, have, n)
+    rows = np.arange(n)
+    while True:
+        onehot = np.zeros((n, len(have)))
+        onehot[rows, guess] = 1.0
+        picks = np.argmax(target - (have + np.cumsum(onehot, axis=0) - onehot), axis=1)
+        wrong = np.flatnonzero(picks != guess)
+        if not len(wrong):
+            return guess
+        guess = _repair(guess, picks, wrong)
+
+
 class TokenLoader:
     """Micro-batches of packed windows for one DP rank; see the module docstring for the order."""
 
@@ -193,12 +253,13 @@ class TokenLoader:
             self.counts[0] += n
             self.samples += n
             return picks
-        datasets, indices = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
-        for i in range(n):
-            self.samples += 1
-            d = int(np.argmax(self.weights * self.samples - np.asarray(self.counts)))
-            datasets[i], indices[i] = d, self.counts[d]
-            self.counts[d] += 1
+        datasets = blend_picks(self.weights, self.samples, self.counts, n)
+        counts = np.asarray(self.counts, dtype=np.int64)
+        onehot = np.zeros((n, len(counts)), dtype=np.int64)
+        onehot[np.arange(n), datasets] = 1
+        indices = (counts + np.cumsum(onehot, axis=0) - onehot)[np.arange(n), datasets]
+        self.counts = (counts + onehot.sum(axis=0)).tolist()
+        self.samples += n
         return datasets, indices
 
     def _windows(self, d: int, k: np.ndarray) -> np.ndarray:
@@ -238,6 +299,22 @@ class TokenLoader:
                             f"is outside the tokenizer's vocabulary (0..{self.vocab_sizes[d] - 1}): a shard is "
                             "damaged or was not written by this dataset's tokenizer; run with "
                             "data.verify_fraction=1 to find it, or re-run launcher.prepare")
+
+    def position(self) -> tuple[int, tuple[int, ...]]:
+        """The whole read position: the sample counter and each dataset's count."""
+        return self.samples, tuple(self.counts)
+
+    def seek(self, position: tuple[int, tuple[int, ...]]) -> None:
+        self.samples, self.counts = position[0], list(position[1])
+
+    def fork(self) -> TokenLoader:
+        """A loader at this position with its own counters and buffer (the same streams), for a reader thread."""
+        twin = copy.copy(self)
+        twin.counts, twin._buf = list(self.counts), np.empty_like(self._buf)
+        return twin
+
+    def close(self) -> None:
+        """Nothing to release (a Prefetcher around it stops its thread)."""
 
     def rewind(self) -> None:
         """Back to the first sample: the validation loader, built once, reads the same batches at every eval."""

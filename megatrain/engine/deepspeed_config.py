@@ -4,19 +4,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatrain.config import Config, Layout, grad_reduce_dtype
+from megatrain.config import Config, Layout, grad_reduce_dtype, reduce_bucket_elements
+from megatrain.scaling.flops import param_counts
 
 
 def deepspeed_config(cfg: Config, layout: Layout) -> dict[str, Any]:
     stage = cfg.parallel.zero_stage
     zero: dict[str, Any] = {"stage": stage}
-    if cfg.parallel.reduce_bucket_size is not None:
-        zero["reduce_bucket_size"] = cfg.parallel.reduce_bucket_size
-    if stage >= 2:
-        zero.update(contiguous_gradients=True, overlap_comm=True, reduce_scatter=True)
+    if stage >= 1:
+        # Gradients are reduced bucket by bucket from backward hooks, on a side stream, while backward goes on
+        # (overlap_comm; DeepSpeed turns it on for ZeRO-3 only). Buckets of d^2 elements (reduce_bucket_elements)
+        # leave one small bucket exposed at the end of backward; the parameter all-gather after the ZeRO-1/2
+        # step uses buckets of the same size and is not overlapped (plan.py's step time counts it).
+        bucket = reduce_bucket_elements(cfg)
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=bucket)
+        if stage < 3:
+            zero.update(allgather_bucket_size=bucket, reduce_scatter=True)
     if stage == 3:
+        block = param_counts(cfg.model).non_embedding // (cfg.model.n_layers * cfg.parallel.tp)  # per TP rank
         # Small tensors (norms, biases) stay whole on every rank: gathering them costs more than it saves.
+        # Prefetch: the next parameters are gathered while the current block computes, up to 0.9 d^2 elements
+        # ahead (the HF "auto" rule); at most two blocks' parameters are gathered at once, the one computing and
+        # the one prefetched (what plan.py's communication buffers count).
         zero.update(stage3_param_persistence_threshold=10 * cfg.model.d_model,
+                    stage3_prefetch_bucket_size=int(0.9 * cfg.model.d_model ** 2),
+                    stage3_max_live_parameters=2 * block, stage3_max_reuse_distance=2 * block,
                     stage3_gather_16bit_weights_on_model_save=False)
     grad_dtype = grad_reduce_dtype(cfg)
     config: dict[str, Any] = {

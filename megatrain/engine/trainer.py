@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatrain.config import Config, config_warnings, cooldown_tokens, validate
 from megatrain.data.dataset import TokenLoader, build_loader, check_data, load_tokenizer
 from megatrain.data.manifest import vocab_from_data
+from megatrain.data.prefetch import run_ahead
 from megatrain.engine.build import build_engine, init_distributed, pick_device, resolve_precision
 from megatrain.engine.checkpoint import Checkpointer, RunContext
 from megatrain.engine.dist_env import export_dist_env, resolve_dist_env
@@ -130,9 +131,9 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     torch.manual_seed(cfg.train.seed)
     before_engine = process_memory()  # the planner's memory is what the engine and training add
     engine = build_engine(cfg, mesh, device, config_out=run_dir / "deepspeed.json" if env.rank == 0 else None)
-    loader = build_loader(cfg.data, split="train", seq_len=cfg.train.seq_len,
-                          micro_batch_size=layout.micro_batch_size, dp_rank=mesh.dp_rank, dp_size=mesh.dp,
-                          seed=cfg.train.seed)
+    loader = run_ahead(build_loader(cfg.data, split="train", seq_len=cfg.train.seq_len,
+                                    micro_batch_size=layout.micro_batch_size, dp_rank=mesh.dp_rank, dp_size=mesh.dp,
+                                    seed=cfg.train.seed), cfg.data.prefetch, device)
     valid = None if not cfg.train.eval_interval else build_loader(  # built once, rewound at every eval
         cfg.data, split="valid", seq_len=cfg.train.seq_len, micro_batch_size=layout.micro_batch_size,
         dp_rank=mesh.dp_rank, dp_size=mesh.dp, seed=cfg.train.seed)
@@ -300,6 +301,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         metrics.summary(summary)
     if profiler is not None:
         profiler.stop()
+    loader.close()
     metrics.close()
     dist.barrier()
     release_run_dir(lock)

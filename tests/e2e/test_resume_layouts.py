@@ -50,3 +50,13 @@ def test_dp2_resumes_on_dp4_with_the_same_samples(tiny_data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = _resume(straight, 1, tmp_path / "dp4", *args, nproc=4)
     _assert_continues(resumed, losses(straight), 1)
+
+
+def test_a_run_that_prefetched_batches_resumes_at_the_batches_it_consumed(tiny_data, tmp_path):
+    """data.prefetch=2 keeps batches built ahead at every save; the checkpoint must not count them."""
+    args = (*ARGS, f"data.path={tiny_data}", "train.steps=4", "train.global_batch_size=2")
+    straight = tmp_path / "ahead"
+    result = cli("launcher.train", *args, "data.prefetch=2", f"run.dir={straight}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = _resume(straight, 2, tmp_path / "in_step", *args, "data.prefetch=0", nproc=1)
+    _assert_continues(resumed, losses(straight), after=2)

@@ -133,13 +133,33 @@ def test_7b_does_not_fit_one_80gb_gpu_without_sharding_but_fits_eight_with_zero3
 
 
 def test_pipeline_bubble_and_lower_mfu_lengthen_the_step():
-    flat = plan(preset("llama-7b", "plan.num_gpus=8", "train.global_batch_size=64", "train.micro_batch_size=1"))
-    piped = plan(preset("llama-7b", "plan.num_gpus=8", "train.global_batch_size=64", "train.micro_batch_size=1",
-                        "parallel.pp=8"))
-    slow = plan(preset("llama-7b", "plan.num_gpus=8", "train.global_batch_size=64", "train.micro_batch_size=1",
-                       "plan.mfu=0.2"))
+    # seq 4096: compute dominates the ZeRO-1 parameter all-gather after the step, which nothing hides
+    base = ("plan.num_gpus=8", "train.global_batch_size=64", "train.micro_batch_size=1", "train.seq_len=4096")
+    flat = plan(preset("llama-7b", *base))
+    piped = plan(preset("llama-7b", *base, "parallel.pp=8"))
+    slow = plan(preset("llama-7b", *base, "plan.mfu=0.2"))
     assert piped.step_time_s > flat.step_time_s
     assert slow.step_time_s == pytest.approx(2 * flat.step_time_s, rel=0.05)
+
+
+def test_the_step_time_counts_the_dp_traffic_backward_cannot_hide():
+    """ZeRO-0 (and ZeRO-1 under DeepSpeed's BF16_Optimizer) waits for its whole all-reduce, ZeRO-1/2 for the
+    parameter all-gather after the step plus the last bucket, ZeRO-3 for what compute cannot hide."""
+    base = ("plan.gpus_per_node=8", "train.micro_batch_size=1", "train.seq_len=4096", "train.grad_reduce_dtype=bf16")
+    compute = plan(preset("llama-7b", *base, "plan.num_gpus=1", "train.global_batch_size=4")).step_time_s
+
+    def exposed(*keys: str) -> float:  # DP 64 over nodes, the same 4 micro-batches per GPU as the DP 1 plan
+        return plan(preset("llama-7b", *base, "plan.num_gpus=64", "train.global_batch_size=256", *keys)
+                    ).step_time_s - compute
+
+    ring, bw, bucket = 63 / 64, 50e9, 4096 ** 2
+    grad = ring * 2 * 6.738e9 / bw  # bf16 over the inter-node links
+    last = ring * 2 * bucket / bw
+    assert exposed("parallel.zero_stage=0") == pytest.approx(2 * grad, rel=0.02)
+    assert exposed("parallel.zero_stage=1") == pytest.approx(grad + last, rel=0.02)
+    assert exposed("parallel.zero_stage=1", "train.grad_reduce_dtype=fp32") == pytest.approx(5 * grad, rel=0.02)
+    assert exposed("parallel.zero_stage=2") == pytest.approx(max(4 * grad - 2 / 3 * compute, last) + grad, rel=0.02)
+    assert exposed("parallel.zero_stage=3") == pytest.approx(max(3 * 4 * grad - compute, last), rel=0.02)
 
 
 def test_search_ranks_only_fitting_layouts_best_throughput_first():
