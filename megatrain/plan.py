@@ -43,6 +43,7 @@ from megatrain.scaling.flops import ParamCounts, expert_params, param_counts, tr
 
 GB = 1e9
 CHECKPOINTING = ("none", "selective", "full")
+BF16_OPTIMIZER_BUCKET = 500_000_000  # DeepSpeed engine.py MEMORY_OPT_ALLREDUCE_SIZE (elements)
 # plan.search tries context parallelism only while each rank keeps at least this many tokens of a sample:
 # below it the ring's K/V traffic outgrows the attention it hides behind (Megatron-Core's guidance: CP for 8k+).
 MIN_CP_TOKENS = 4096
@@ -238,6 +239,10 @@ def comm_buffer_bytes(cfg: Config, params: int, block_params: int, zero: int) ->
     width = 4 if grad_reduce_dtype(cfg) == "fp32" else 2
     if zero == 0:
         return 0.0
+    if zero == 1 and cfg.train.precision == "bf16" and width == 4:
+        # BF16_Optimizer: the engine all-reduces the fp32 gradients after backward in flat buffers of its
+        # own MEMORY_OPT_ALLREDUCE_SIZE (5e8 elements, DeepSpeed 0.19 engine.py), whatever reduce_bucket_size says.
+        return min(params, BF16_OPTIMIZER_BUCKET) * width
     # Gradients sit in reduce buckets (up to reduce_bucket_size elements) until they are reduced;
     # sized here by the gradients that fill them. ZeRO-1/2 with overlap_comm keep two (one filling while
     # the other is reduced; DeepSpeed 0.19 stage_1_and_2.py).

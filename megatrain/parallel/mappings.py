@@ -47,14 +47,15 @@ def _split(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Sum over ranks, this rank's chunk along `dim` kept: reduce_scatter_tensor with `dim` outermost (NCCL and,
-    in torch 2.13, gloo: the same path in CPU tests), a view with `dim` back in place."""
+    in torch 2.13, gloo: the same path in CPU tests), made contiguous with `dim` back in place: the result is
+    the residual stream, which pipeline sends need contiguous (a copy of the shard only when micro-batch > 1)."""
     n = group_size(group)
     if n == 1:
         return x
     full = x.movedim(dim, 0).contiguous()
     out = full.new_empty((full.shape[0] // n, *full.shape[1:]))
     dist.reduce_scatter_tensor(out, full, group=group)
-    return out.movedim(0, dim)
+    return out.movedim(0, dim).contiguous()
 
 
 class _CopyToTP(torch.autograd.Function):
