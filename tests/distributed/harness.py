@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -30,6 +31,11 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir:
         torch.save({"error": traceback.format_exc()}, os.path.join(out_dir, f"{rank}.pt"))
         raise
     torch.save({"result": result}, os.path.join(out_dir, f"{rank}.pt"))
+    if dist.is_initialized():
+        # Tear the group down with every rank done, not at interpreter exit, where gloo's threads can
+        # abort a rank whose peer already left ("terminate called without an active exception", SIGABRT).
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_ranks(world: int, fn: Callable, *args: Any) -> list[Any]:
