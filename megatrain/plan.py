@@ -161,8 +161,9 @@ def _model_states(params: int, dp: int, zero: int, precision: str, grad_dtype: s
 
 def norm_bytes(model: ModelConfig, a: int, r: float) -> float:
     """Per token, what a norm keeps: its input (a bytes, width r) and fp32 statistics (RMSNorm 1/rms;
-    LayerNorm mean, 1/std); the fp32 copies it computes in are transient (model/norms.py)."""
-    return a * r + (4 if model.norm == "rmsnorm" else 8)
+    LayerNorm mean, 1/std), of 1/TP of the tokens under SP (r = h/TP); the fp32 copies it computes in are
+    transient (model/norms.py)."""
+    return a * r + (4 if model.norm == "rmsnorm" else 8) * r / model.d_model
 
 
 def layer_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str, checkpointing: str) -> float:
@@ -173,7 +174,7 @@ def layer_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str
     r = h / tp if sp else h  # the residual stream: sequence-sharded under SP
     dq, dkv, f = model.n_heads * model.head_dim / tp, model.kv_heads * model.head_dim / tp, model.ffn_dim / tp
     norm = norm_bytes(model, a, r)
-    linear_in = a * h  # the input of q/k/v (and gate/up): the full sequence, gathered under SP
+    linear_in = a * r  # the input of q/k/v (and gate/up): under SP the shard, re-gathered in backward
     sdpa = a * (2 * dq + 2 * dkv) + 4 * model.n_heads / tp  # q, k, v, output, fp32 logsumexp
     if checkpointing == "selective":
         # Only the logsumexp goes: SDPA's output is o's saved input and q, k, v are saved anyway,

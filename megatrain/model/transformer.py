@@ -54,7 +54,7 @@ class Context:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool, selective_checkpoint: bool):
         super().__init__()
-        self.mesh, self.sp, self.selective = mesh, sp, selective_checkpoint
+        self.mesh, self.selective = mesh, selective_checkpoint
         self.head_dim = cfg.head_dim
         self.heads, self.kv_heads = cfg.n_heads // mesh.tp, cfg.kv_heads // mesh.tp
         self.dropout = cfg.dropout
@@ -66,10 +66,9 @@ class Attention(nn.Module):
         self.o = RowParallelLinear(q_dim, d, mesh, bias=cfg.bias, std=out_std, sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
-        x = enter_tp_region(x, self.mesh, self.sp)  # one gather/copy shared by q, k and v
-        b, s, _ = x.shape
-        q, k, v = (y.view(b, s, -1, self.head_dim).transpose(1, 2)
-                   for y in fused_column_linear(x, [self.q, self.k, self.v]))
+        q, k, v = fused_column_linear(x, [self.q, self.k, self.v])  # one GEMM (one gather under SP)
+        b, s, _ = q.shape
+        q, k, v = (y.view(b, s, -1, self.head_dim).transpose(1, 2) for y in (q, k, v))
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
             v = v.contiguous()  # else SDPA's saved v, a view, would keep the unrotated q and k alive
@@ -88,7 +87,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool):
         super().__init__()
-        self.mesh, self.sp, self.swiglu = mesh, sp, cfg.activation == "swiglu"
+        self.swiglu = cfg.activation == "swiglu"
         d, f = cfg.d_model, cfg.ffn_dim
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
         if self.swiglu:
@@ -97,11 +96,10 @@ class MLP(nn.Module):
         self.down = RowParallelLinear(f, d, mesh, bias=cfg.bias, std=out_std, sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = enter_tp_region(x, self.mesh, self.sp)
         if self.swiglu:
             gate, up = fused_column_linear(x, [self.gate, self.up])
             return self.down(F.silu(gate) * up)
-        return self.down(F.gelu(self.up(x, ready=True), approximate="tanh"))
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
 
 
 class Block(nn.Module):

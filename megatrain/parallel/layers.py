@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatrain.parallel.mappings import copy_to_tp, gather_sequence, reduce_from_tp, reduce_scatter_sequence
+from megatrain.parallel.mappings import (
+    copy_to_tp,
+    gather_sequence,
+    gather_shards,
+    reduce_from_tp,
+    reduce_scatter_sequence,
+    reduce_scatter_shards,
+)
 from megatrain.parallel.mesh import Mesh
 
 
@@ -67,11 +74,9 @@ class ColumnParallelLinear(nn.Module):
         self.weight = make_param((local, in_features), ("normal", std), tp_dim=0)
         self.bias = make_param((local,), ("zeros",), tp_dim=0) if bias else None
 
-    def forward(self, x: torch.Tensor, ready: bool = False) -> torch.Tensor:
-        """`ready`: x already entered the TP region (gathered / marked), e.g. shared by q, k, v."""
-        if not ready:
-            x = enter_tp_region(x, self.mesh, self.sp)
-        return F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the residual layout: this rank's sequence shard under SP."""
+        return fused_column_linear(x, [self])[0]
 
 
 class _FusedLinear(torch.autograd.Function):
@@ -96,13 +101,74 @@ class _FusedLinear(torch.autograd.Function):
         return grad_x, None, *grad_w, *grad_b
 
 
+def _token_blocks(full: torch.Tensor, parts: torch.Tensor):
+    """The same tokens in two layouts, block by block: (full[i, rank r's rows], parts[r, i]) for every rank r
+    and micro-batch row i, `full` [b, s, *] token-major, `parts` [n, b, s/n, *] rank-major (the gather's)."""
+    n, b, chunk = parts.shape[:3]
+    for r in range(n):
+        for i in range(b):
+            yield full[i, r * chunk:(r + 1) * chunk], parts[r, i]
+
+
+class _SequenceParallelLinear(torch.autograd.Function):
+    """Column-parallel linears (fused: x [W1; W2; ...]^T) on a sequence shard, as Megatron-Core's
+    LinearWithGradAccumulationAndAsyncCommunication: forward all-gathers the shard and does the GEMM, saving
+    only the shard (1/TP of the gathered input) and the separate weights. Backward re-gathers the shard while
+    the grad-input GEMM runs, then reduce-scatters grad-input while the grad-weight GEMM runs.
+
+    The collectives use their rank-major layout [n, b, s/n, h] (`gather_shards`) and the forward and grad-input
+    GEMMs run one (rank, row) block at a time between it and the model's [b, s, *], so neither copies; only the
+    grad-weight GEMM, one reduction over all tokens, reads the gathered input token-major (a transient copy
+    when micro-batch > 1)."""
+
+    @staticmethod
+    def forward(ctx, x, group, n_weights, *params):
+        weights, biases = params[:n_weights], params[n_weights:]
+        ctx.group, ctx.n_weights, ctx.has_bias = group, n_weights, bool(biases)
+        ctx.save_for_backward(x, *weights)
+        weight = torch.cat(weights) if n_weights > 1 else weights[0]
+        parts, _ = gather_shards(x, group)
+        n, b, chunk, _ = parts.shape
+        y = x.new_empty((b, n * chunk, weight.shape[0]))
+        for out, inp in _token_blocks(y, parts):
+            torch.mm(inp, weight.t(), out=out)
+        if biases:
+            y += torch.cat(biases)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *weights = ctx.saved_tensors
+        sizes = [w.shape[0] for w in weights]
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        grad = grad.contiguous()
+        parts, gathering = gather_shards(x, ctx.group, async_op=True)
+        grad_parts = grad.new_empty((*parts.shape[:3], weight.shape[1]))
+        for g, out in _token_blocks(grad, grad_parts):  # overlaps the re-gather
+            torch.mm(g, weight, out=out)
+        gathering.wait()
+        grad_x, scattering = reduce_scatter_shards(grad_parts, ctx.group, async_op=True)
+        tokens = parts.transpose(0, 1).reshape(-1, parts.shape[-1])  # a view at micro-batch 1
+        flat = grad.view(-1, grad.shape[-1])
+        grad_w = (flat.t() @ tokens).split(sizes)  # overlaps the reduce-scatter
+        grad_b = flat.sum(0).split(sizes) if ctx.has_bias else ()
+        scattering.wait()
+        return grad_x, None, None, *grad_w, *grad_b
+
+
 def fused_column_linear(x: torch.Tensor, linears: list[ColumnParallelLinear]) -> tuple[torch.Tensor, ...]:
-    """The outputs of column-parallel linears that share their input x (already in the TP region:
-    `enter_tp_region`), computed as one GEMM. Each keeps its own parameter, so checkpoints, init
-    and export see the separate q/k/v (gate/up) weights; every TP rank's shards are whole heads."""
+    """The outputs of column-parallel linears that share their input x, computed as one GEMM. x is in the
+    residual layout: this rank's sequence shard under SP (gathered inside, only the shard saved), else the whole
+    sequence (entering the TP region here). Each linear keeps its own parameter, so checkpoints, init and
+    export see the separate q/k/v (gate/up) weights; every TP rank's shards are whole heads."""
+    mesh, sp = linears[0].mesh, linears[0].sp
     biases = [lin.bias for lin in linears if lin.bias is not None]
-    y = _FusedLinear.apply(x, len(linears), *(lin.weight for lin in linears), *biases)
-    return y.split([lin.weight.shape[0] for lin in linears], dim=-1)
+    weights = [lin.weight for lin in linears]
+    if sp and mesh.tp > 1:
+        y = _SequenceParallelLinear.apply(x, mesh.tp_group, len(linears), *weights, *biases)
+    else:
+        y = _FusedLinear.apply(copy_to_tp(x, mesh.tp_group), len(linears), *weights, *biases)
+    return y.split([w.shape[0] for w in weights], dim=-1)
 
 
 class RowParallelLinear(nn.Module):

@@ -58,6 +58,27 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) 
     return out.movedim(0, dim).contiguous()
 
 
+def gather_shards(x: torch.Tensor, group: dist.ProcessGroup | None, async_op: bool = False
+                  ) -> tuple[torch.Tensor, dist.Work | None]:
+    """The ranks' sequence shards [b, s/n, h] stacked rank-major, [n, b, s/n, h]: all_gather_into_tensor's own
+    layout, so the shard is sent as it is and nothing is copied before or after (for any micro-batch size).
+    With `async_op` the gather runs while the caller computes; wait on the returned work before reading."""
+    n = group_size(group)
+    x = x.contiguous()
+    parts = x.new_empty((n * x.shape[0], *x.shape[1:]))
+    work = dist.all_gather_into_tensor(parts, x, group=group, async_op=async_op)
+    return parts.view(n, *x.shape), work
+
+
+def reduce_scatter_shards(parts: torch.Tensor, group: dist.ProcessGroup | None, async_op: bool = False
+                          ) -> tuple[torch.Tensor, dist.Work | None]:
+    """The inverse of `gather_shards`: rank-major [n, b, s/n, h] summed over ranks, this rank's [b, s/n, h]
+    kept; the input is already reduce_scatter_tensor's layout, so nothing is copied."""
+    out = parts.new_empty(parts.shape[1:])
+    work = dist.reduce_scatter_tensor(out, parts.flatten(0, 1), group=group, async_op=async_op)
+    return out, work
+
+
 class _CopyToTP(torch.autograd.Function):
     """Identity forward; all-reduce of the gradient backward (input of a column-parallel op)."""
 
