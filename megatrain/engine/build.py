@@ -19,7 +19,7 @@ from megatrain.engine.deepspeed_config import deepspeed_config
 from megatrain.engine.dist_env import DistEnv, cuda_device_index
 from megatrain.engine.schedule import Schedule
 from megatrain.model.init import canonical_parameters, init_parameter
-from megatrain.model.transformer import Block, Transformer
+from megatrain.model.transformer import MLP, Attention, Block, Transformer
 from megatrain.parallel import deepspeed_internals as ds
 from megatrain.parallel.mesh import Mesh
 
@@ -120,6 +120,13 @@ def build_engine(cfg: Config, mesh: Mesh, device: torch.device, config_out: Path
         write_json_atomic(config_out, ds_config)
     model = build_model(cfg, mesh, ds_config)
     if cfg.train.compile:
+        if mesh.layout.zero_stage == 3:
+            # Attention and MLP read their linears' weights for one fused GEMM without calling those linears:
+            # eager ZeRO-3 gathers such a parameter when it is read, which a compiled graph never sees (it
+            # traces the empty partition). As leaf modules, all their parameters are gathered at their forward.
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(model, [Attention, MLP])
         # Blocks hold nearly all the FLOPs; the embedding and the head with its vocab-parallel loss stay eager.
         for block in (module for module in model.modules() if isinstance(module, Block)):
             block.compile()
