@@ -19,9 +19,14 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sign * sin, written half by half into one new tensor of x's dtype:
-    no rotated copy, no fp32 copy (the fp32 tables are read element by element)."""
+    """x * cos + rotate_half(x) * sign * sin, written half by half into one new tensor of x's dtype and
+    layout: no rotated copy, no fp32 copy (the fp32 tables are read element by element)."""
     half = x.shape[-1] // 2
+    if torch.compiler.is_compiling():
+        # torch.compile traces no `out=` of a non-contiguous layout (q and k are transposed views): a graph
+        # break in every block. The plain formula instead: inductor fuses it into one pass writing x's dtype.
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return (x * cos + rotated * (sign * sin)).to(x.dtype)
     out = torch.mul(x, cos, out=torch.empty_like(x))
     out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-sign)
     out[..., half:].addcmul_(x[..., :half], sin[..., :half], value=sign)

@@ -117,3 +117,24 @@ def test_rope_tables_are_computed_once_per_shape():
     first = rope_tables(64, 16, 10000.0, torch.device("cpu"))
     assert rope_tables(64, 16, 10000.0, torch.device("cpu")) is first
     assert rope_tables(128, 16, 10000.0, torch.device("cpu"))[0].shape == (128, 16)
+
+
+def test_a_block_compiles_as_one_graph_and_matches_eager():
+    """train.compile compiles every Block: no graph break (fullgraph), the same output and gradients (fp32)."""
+    from megatrain.model.transformer import Block, Context
+
+    cfg = ModelConfig(**LLAMA)
+    torch.manual_seed(0)
+    block = Block(cfg, Mesh.single())
+    for name, p in block.named_parameters():
+        init_parameter(p, f"blocks.0.{name}", seed=3, mesh=Mesh.single())
+    x = torch.randn(2, 16, cfg.d_model, requires_grad=True)
+    ctx = Context(cfg, 16, x.device, None)
+    compiled = torch.compile(block, fullgraph=True)
+    results = []
+    for fn in (block, compiled):
+        y = fn(x, ctx)
+        grads = torch.autograd.grad(y.square().sum(), [x, *block.parameters()])
+        results.append((y, *grads))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
