@@ -1,8 +1,9 @@
 """Layout-independent initialisation.
 
 Each parameter's *full* tensor is drawn from a generator seeded by (seed, parameter name) and
-this rank keeps its TP (or, for routed experts, EP) slice, so TP=1, TP=2, EP=2, ZeRO-3 or a pipeline stage all start from the same
-weights. Output projections get GPT-2/Megatron's scaled std (set by the layers in `p.init`).
+this rank keeps its TP (routed experts: EP) slice, so TP=1, TP=2, EP=2, ZeRO-3 or a pipeline
+stage all start from the same weights. Output projections get GPT-2/Megatron's scaled std
+(set by the layers in `p.init`).
 """
 
 from __future__ import annotations
