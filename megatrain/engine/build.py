@@ -101,18 +101,19 @@ def build_model(cfg: Config, mesh: Mesh, ds_config: dict[str, Any]) -> torch.nn.
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, ep: int = 1) -> list[dict[str, Any]]:
-    """Decay matrices (linears, embeddings); not norms or biases. Under expert parallelism the routed
-    experts form a group of their own (decayed), which DeepSpeed partitions over the expert-DP group."""
+    """Decay matrices (linears, embeddings); not norms or biases. Routed experts (decayed) form a third group
+    in every layout (so the LR schedule's state fits any EP); under expert parallelism it is DeepSpeed's MoE
+    group, partitioned over the expert-DP group."""
     decay, keep, experts = [], [], []
     for p in model.parameters():
-        if ep > 1 and getattr(p, "ep_dim", None) is not None:
+        if getattr(p, "ep_dim", None) is not None:
             experts.append(p)
         else:
             (decay if len(ds.unpartitioned_shape(p)) >= 2 else keep).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
     if experts:
-        groups.append({"params": experts, "weight_decay": weight_decay, "moe": True,
-                       "name": ds.expert_group_name(ep)})
+        groups.append({"params": experts, "weight_decay": weight_decay,
+                       **({"moe": True, "name": ds.expert_group_name(ep)} if ep > 1 else {})})
     return groups
 
 
@@ -133,10 +134,10 @@ def build_engine(cfg: Config, mesh: Mesh, device: torch.device, config_out: Path
             block.compile()
     optim = cfg.optim
     groups = param_groups(model, optim.weight_decay, mesh.ep)
-    expert_parallel = len(groups) > 2
+    expert_parallel = groups[-1].get("moe", False)
     ds.register_expert_groups(mesh)
     if expert_parallel:
-        ds.mark_expert_parameters(groups[2]["params"], mesh.ep)
+        ds.mark_expert_parameters(groups[-1]["params"], mesh.ep)
     optimizer = torch.optim.AdamW(groups, lr=optim.lr,
                                   betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True)
     scheduler = Schedule(optimizer, optim, cfg.train.steps)

@@ -138,7 +138,11 @@ def load(engine: Any, mesh: Mesh, directory: Path) -> PortableCheckpoint:
                 safe_set_full_optimizer_state(p, value, moment)
             else:  # ZeRO-0: state keyed by the parameter itself or its unlinked fp32 copy
                 base.state[master][moment].copy_(value.reshape(master.shape))
-    engine.lr_scheduler.load_state_dict(source.state["scheduler"])
+    # One schedule for every param group: its per-group lists repeat one value; fit them to this optimizer's
+    # groups (a MoE model's routed experts are a group of their own; copies written before had two groups)
+    scheduler = {k: v[:1] * len(base.param_groups) if k in ("base_lrs", "_last_lr") else v
+                 for k, v in source.state["scheduler"].items()}
+    engine.lr_scheduler.load_state_dict(scheduler)
     for group, lr in zip(base.param_groups, engine.lr_scheduler.get_last_lr()):
         group["lr"] = lr  # the scheduler sets rates only when it steps; the next step needs this one
     ds.set_step_counters(engine, source.state["step"])
