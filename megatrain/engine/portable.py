@@ -63,8 +63,8 @@ def save(engine: Any, mesh: Mesh, directory: Path, *, step: int, model: ModelCon
     tensors: dict[str, torch.Tensor] = {}
     tp_dims: dict[str, int | None] = {}
     for name, p in canonical_parameters(engine.module):
-        # every DP rank gathers
-        values = {moment: gather_experts(full_value(p, moment, engine), p, mesh) for moment in (None, *MOMENTS)}
+        values = {moment: gather_experts(full_value(p, moment, engine), p, mesh)  # every rank gathers
+                  for moment in (None, *MOMENTS)}
         if writer and (p.tp_dim is not None or mesh.tp_rank == 0):
             tensors.update({tensor_key(name, moment): v for moment, v in values.items()})
             tp_dims[name] = p.tp_dim

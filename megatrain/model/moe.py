@@ -11,7 +11,7 @@ sorted buffer goes to the EP rank that computes each expert and comes back (para
 
 Expert weights are stacked [experts, out, in] (the Hugging Face Qwen2-MoE layout); each EP rank holds only
 its E / ep experts (`ep_dim=0`), replicated over the expert-data-parallel ranks, which reduce their gradients
-(parallel/experts.py, through DeepSpeed's MoE parameter groups; ZeRO-3: refused). Routed experts are not
+(DeepSpeed's MoE parameter groups, engine/build.py; ZeRO-3: refused). Routed experts are not
 TP-sharded: TP ranks compute them redundantly on the same tokens; the shared experts are a dense, TP-sharded
 MLP.
 

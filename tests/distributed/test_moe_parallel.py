@@ -4,6 +4,7 @@ One spawn per world size; each runs several layouts. Gradients are compared afte
 (what DeepSpeed applies), losses and grad norms through the DeepSpeed engine with ZeRO.
 """
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -103,7 +104,8 @@ def test_routing_differs_between_layers_so_the_check_is_not_vacuous():
     assert (load > 0).all() and load.sum() == BATCH * 32 * 2
 
 
-def _train(engine, mesh, cfg, steps: torch.Tensor) -> list[float]:
+def _train(engine, mesh, cfg, steps: torch.Tensor) -> list[tuple[float, float]]:
+    """(loss, grad norm) of each step of `steps` [steps, BATCH, seq + 1]."""
     from megatrain.engine.step import train_step
 
     per = BATCH // mesh.dp
@@ -115,8 +117,9 @@ def _train(engine, mesh, cfg, steps: torch.Tensor) -> list[float]:
             micro = next(mine)
             return {"input_ids": micro[:, :-1], "labels": micro[:, 1:]}
 
-        losses.append(float(train_step(engine, next_batch, per // cfg.train.micro_batch_size, torch.device("cpu"),
-                                       mesh.dp_group)[0]))
+        loss = float(train_step(engine, next_batch, per // cfg.train.micro_batch_size, torch.device("cpu"),
+                                mesh.dp_group)[0])
+        losses.append((loss, float(engine.get_global_grad_norm())))
     return losses
 
 
@@ -124,7 +127,7 @@ def local_experts_and_resume(rank: int, directory: str) -> dict:
     """EP2 x DP2 through DeepSpeed, ZeRO-1, ZeRO-2 and ZeRO-1 in bf16: this rank's expert parameter shapes and
     the fp32 master and Adam moment elements of each optimizer group; with ZeRO-2, the losses of two steps
     after a save, and of the same two steps in a fresh engine that loaded the save (megatrain's checkpointer,
-    DeepSpeed's files)."""
+    DeepSpeed's files); in bf16, the (loss, grad norm) of 3 steps with EP2 and with EP1."""
     from pathlib import Path
 
     from megatrain.config import validate
@@ -135,12 +138,15 @@ def local_experts_and_resume(rank: int, directory: str) -> dict:
     init_distributed(torch.device("cpu"))
     out: dict = {}
     data = synthetic_batches(3, BATCH, 32, MOE["vocab_size"])
-    for zero, precision in ((1, "fp32"), (2, "fp32"), (1, "bf16")):  # ZeRO-1 in bf16: DeepSpeed's BF16_Optimizer
-        cfg = _engine_cfg(ep=2, zero_stage=zero)
-        cfg.train.precision = precision
+    for zero, precision, ep in ((1, "fp32", 2), (2, "fp32", 2), (1, "bf16", 2), (1, "bf16", 1)):
+        cfg = _engine_cfg(ep=ep, zero_stage=zero)
+        cfg.train.precision = precision  # ZeRO-1 in bf16 (fp32 gradients): DeepSpeed's BF16_Optimizer
         mesh = Mesh.build(validate(cfg, 4))
         engine = build_engine(cfg, mesh, torch.device("cpu"))
-        _train(engine, mesh, cfg, data[:1])
+        curve = _train(engine, mesh, cfg, data if precision == "bf16" else data[:1])
+        if ep == 1:
+            out["bf16_ep1"] = curve
+            continue
         masters = ds.master_partitions(engine)
         state = ds.base_optimizer(engine).state
         out[f"zero{zero}_{precision}"] = {
@@ -149,6 +155,7 @@ def local_experts_and_resume(rank: int, directory: str) -> dict:
             "master_numel": [q.numel() for q in masters],
             "moment_numel": [state[q]["exp_avg"].numel() for q in masters],
             "moe_flag": engine.has_moe_layers,
+            "curve": curve,
         }
         if zero == 2:  # DeepSpeed's checkpoint, through megatrain's checkpointer
             checkpoints = Checkpointer(Path(directory), keep_last=0, rank=rank)
@@ -179,4 +186,7 @@ def test_each_rank_keeps_only_its_experts_and_resumes_deepspeeds_checkpoint(tmp_
                 assert numel / parts <= master < numel / parts + 2 * parts
             assert got["moment_numel"] == got["master_numel"]
     assert results[0]["resumed"] == results[0]["straight"]
+    # BF16_Optimizer clips by a norm that counts each expert once: EP2 as EP1, to bf16's reduction-order noise
+    for (loss, norm), (loss1, norm1) in zip(results[0]["zero1_bf16"]["curve"], results[0]["bf16_ep1"]):
+        assert loss == pytest.approx(loss1, rel=1e-4) and norm == pytest.approx(norm1, rel=1e-4)
     assert all(r["straight"] == results[0]["straight"] for r in results)
