@@ -531,6 +531,9 @@ def validate_expert_parallel(model: ModelConfig, par: ParallelConfig) -> None:
         raise ConfigError(f"parallel.zero_stage=3 with model.moe.experts={experts}: not verified to compute the "
                           "same model in this version; use parallel.zero_stage=1 or 2 (optimizer states, and "
                           "gradients with 2, sharded over DP)")
+    if par.ep > 1 and par.zero_stage == 0:  # DeepSpeed's non-ZeRO checkpoint keeps DP rank 0's weights only
+        raise ConfigError(f"parallel.ep={par.ep} with parallel.zero_stage=0: each EP rank holds its own experts, "
+                          "which only ZeRO's per-rank checkpoint files keep; use parallel.zero_stage=1 or 2")
     if experts and par.sequence_parallel:
         raise ConfigError(f"parallel.sequence_parallel=true with model.moe.experts={experts}: the sequence-wise "
                           "balance loss needs whole sequences on a rank; use parallel.sequence_parallel=false")

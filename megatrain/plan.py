@@ -4,7 +4,8 @@ No process group, no weights: every figure is arithmetic on the config. Paramete
 counts come from `megatrain.scaling.flops` (the single source); the memory model follows what
 megatrain's model and DeepSpeed 0.19 actually allocate (measured on CPU, see docs/plan.md):
 
-model states per rank, P = parameters on this TP/PP rank, d = DP size
+model states per rank, P = parameters on this TP/PP rank, d = DP size (the routed experts: P = this EP
+rank's E / ep of them, d = DP / ep, the expert-DP group ZeRO partitions them over)
     bf16: weights 2P (ZeRO-3: /d), fp32 master 4P/d and Adam m, v 8P/d (ZeRO-0: 4P and 8P);
           grads (train.grad_reduce_dtype=fp32, the default) 4P/d at ZeRO-2/3, and at ZeRO-1 the bf16
           grads plus DeepSpeed's BF16_Optimizer's full fp32 copy, 6P; with bf16 reduction 2P (ZeRO-0:
@@ -106,11 +107,17 @@ def _block_and_norm(model: ModelConfig) -> tuple[int, int]:
     return param_counts(replace(model, n_layers=1)).non_embedding - norm, norm
 
 
-def _block_params_per_rank(model: ModelConfig, tp: int, layer: int = 0) -> int:
-    if model.is_moe_layer(layer):  # router and routed experts replicated over TP, the rest as a dense block
-        moe = model.moe  # whose MLP is the shared experts' (TP-sharded)
+def _routed_params(model: ModelConfig) -> int:
+    """The routed experts of one MoE block (without the router): what EP splits (model/moe.py)."""
+    return expert_params(model) - model.moe.experts * model.d_model
+
+
+def _block_params_per_rank(model: ModelConfig, tp: int, layer: int = 0, ep: int = 1) -> int:
+    if model.is_moe_layer(layer):  # router replicated, routed experts split over EP, both replicated over TP;
+        moe = model.moe  # the rest as a dense block whose MLP is the shared experts' (TP-sharded)
         dense = replace(model, ffn_hidden=moe.shared_experts * model.expert_ffn_dim, moe=replace(moe, experts=0))
-        return _block_params_per_rank(dense, tp) + expert_params(model)
+        return _block_params_per_rank(dense, tp) + expert_params(model) - _routed_params(model) \
+            + _routed_params(model) // ep
     block, norm = _block_and_norm(model)
     replicated = 2 * norm + (2 * model.d_model if model.bias else 0)  # norms and row-parallel biases
     return (block - replicated) // tp + replicated
@@ -121,22 +128,31 @@ def blocks_per_stage(cfg: Config) -> list[int]:
     return stage_layers(cfg.model, cfg.parallel.pp, cfg.train.seq_len, cfg.parallel.pp_split)
 
 
+def _stage_layers(cfg: Config) -> list[range]:
+    counts = blocks_per_stage(cfg)
+    return [range(sum(counts[:i]), sum(counts[:i + 1])) for i in range(len(counts))]
+
+
 def stage_params(cfg: Config) -> list[int]:
-    """Parameters held by one TP rank of each pipeline stage (embedding on the first, head on the last)."""
+    """Parameters held by one TP (and EP) rank of each pipeline stage (embedding on the first, head on the last)."""
     model, tp = cfg.model, cfg.parallel.tp
     _, norm = _block_and_norm(model)
     table = model.vocab_size * model.d_model // tp
     embed = table + (model.max_seq_len * model.d_model if model.position == "learned" else 0)
     head = norm + (0 if model.tie_embeddings else table)
-    counts = blocks_per_stage(cfg)
-    firsts = [sum(counts[:i]) for i in range(len(counts))]
-    out = [sum(_block_params_per_rank(model, tp, layer) for layer in range(first, first + blocks))
-           for first, blocks in zip(firsts, counts)]
+    out = [sum(_block_params_per_rank(model, tp, layer, cfg.parallel.ep) for layer in layers)
+           for layers in _stage_layers(cfg)]
     out[0] += embed
     out[-1] += head
     if model.tie_embeddings and len(out) > 1:
         out[-1] += table  # the last stage keeps its own copy of the tied table
     return out
+
+
+def stage_expert_params(cfg: Config) -> list[int]:
+    """Of stage_params, the routed experts: E / ep per MoE block, ZeRO-partitioned over expert DP (DP / ep)."""
+    return [sum(_routed_params(cfg.model) // cfg.parallel.ep for layer in layers if cfg.model.is_moe_layer(layer))
+            for layers in _stage_layers(cfg)]
 
 
 # ---------------------------------------------------------------- memory
@@ -368,14 +384,17 @@ def plan(cfg: Config, world_size: int | None = None) -> Plan:
     train = cfg.train
     world = world_size or cfg.plan.num_gpus or cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
     layout = validate(cfg, world)
-    per_stage = stage_params(cfg)
+    per_stage, experts = stage_params(cfg), stage_expert_params(cfg)
     params = max(per_stage)
     block = _block_params_per_rank(cfg.model, layout.tp)
 
     def stage_memory(stage: int) -> Memory:
-        # ZeRO partitions over DP x CP: weights are replicated across CP as across DP
-        weights, grads, optim = _model_states(per_stage[stage], layout.dp * layout.cp, layout.zero_stage,
-                                              train.precision, grad_reduce_dtype(cfg), layout.grad_accum)
+        # ZeRO partitions dense states over DP x CP (weights are replicated across CP as across DP), the routed
+        # experts' (this EP rank's E / ep) over their expert-DP group of DP / ep ranks (MoE refuses CP)
+        states = [_model_states(n, dp, layout.zero_stage, train.precision, grad_reduce_dtype(cfg), layout.grad_accum)
+                  for n, dp in ((per_stage[stage] - experts[stage], layout.dp * layout.cp),
+                                (experts[stage], layout.dp // layout.ep))]
+        weights, grads, optim = (sum(parts) for parts in zip(*states))
         return Memory(weights=weights, gradients=grads, optimizer=optim,
                       activations=activation_bytes(cfg, layout.micro_batch_size, layout.grad_accum,
                                                    train.activation_checkpointing, stage),

@@ -100,12 +100,21 @@ def build_model(cfg: Config, mesh: Mesh, ds_config: dict[str, Any]) -> torch.nn.
     return model
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (linears, embeddings); not norms or biases."""
-    decay, keep = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, ep: int = 1) -> list[dict[str, Any]]:
+    """Decay matrices (linears, embeddings); not norms or biases. Routed experts (decayed) form a third group
+    in every layout (so the LR schedule's state fits any EP); under expert parallelism it is DeepSpeed's MoE
+    group, partitioned over the expert-DP group."""
+    decay, keep, experts = [], [], []
     for p in model.parameters():
-        (decay if len(ds.unpartitioned_shape(p)) >= 2 else keep).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+        if getattr(p, "ep_dim", None) is not None:
+            experts.append(p)
+        else:
+            (decay if len(ds.unpartitioned_shape(p)) >= 2 else keep).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    if experts:
+        groups.append({"params": experts, "weight_decay": weight_decay,
+                       **({"moe": True, "name": ds.expert_group_name(ep)} if ep > 1 else {})})
+    return groups
 
 
 def build_engine(cfg: Config, mesh: Mesh, device: torch.device, config_out: Path | None = None):
@@ -131,12 +140,18 @@ def build_engine(cfg: Config, mesh: Mesh, device: torch.device, config_out: Path
         for block in (module for module in model.modules() if isinstance(module, Block)):
             block.compile()
     optim = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
+    groups = param_groups(model, optim.weight_decay, mesh.ep)
+    expert_parallel = groups[-1].get("moe", False)
+    ds.register_expert_groups(mesh)
+    if expert_parallel:
+        ds.mark_expert_parameters(groups[-1]["params"], mesh.ep)
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr,
                                   betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True)
     scheduler = Schedule(optimizer, optim, cfg.train.steps)
     # A pipeline module brings its own process grid; otherwise DeepSpeed learns DP and TP from the mesh.
     mpu = None if mesh.pp > 1 else mesh
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, mpu=mpu, dist_init_required=False)
+    with ds.expert_parallel_engine(expert_parallel):
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config, mpu=mpu, dist_init_required=False)
     ds.record_unsharded_grad_norm(engine)
     return engine

@@ -39,7 +39,7 @@ import xxhash
 from megatrain.config import Config, ConfigError, grad_reduce_dtype
 from megatrain.engine import portable
 from megatrain.export.portable_format import DIR as PORTABLE_DIR
-from megatrain.model.init import canonical_parameters
+from megatrain.model.init import canonical_parameters, shard
 from megatrain.parallel import deepspeed_internals
 from megatrain.parallel.mesh import Mesh
 
@@ -238,6 +238,7 @@ class Checkpointer:
                 raise ConfigError(f"checkpoint {path}: {err}") from err
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+            restore_local_experts(engine)
         else:
             if not (path / PORTABLE_DIR).is_dir():
                 older = [p for p in self.complete() if (p / PORTABLE_DIR).is_dir()]
@@ -274,9 +275,21 @@ class Checkpointer:
         portable.check_shapes(engine.module, run.mesh, weights.shapes(), source)
         for name, p in canonical_parameters(engine.module):
             master = None if deepspeed_internals.has_fp32_master(p) else deepspeed_internals.unlinked_master(engine, p)
-            portable.set_parameter(p, weights.local(name, p.tp_dim, run.mesh.tp, run.mesh.tp_rank), master)
+            portable.set_parameter(p, weights.local(name, *shard(p, run.mesh)), master)
         log.info("initialised the model from %s: this rank read %.1f MB of the %.1f MB there (its stage and TP slices)",
                  source, weights.bytes_read / 1e6, weights.file_bytes() / 1e6)
+
+
+def restore_local_experts(engine: Any) -> None:
+    """Collective. DeepSpeed writes the module weights of DP rank 0 only, so after engine.load_checkpoint
+    every EP rank holds EP rank 0's routed experts; ZeRO restored each rank's own fp32 partitions of its
+    experts: set the weights from those (gathered over each expert-DP group). Nothing without EP."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for _, p in canonical_parameters(engine.module):
+        if deepspeed_internals.is_expert_parallel(p):
+            with torch.no_grad():
+                p.copy_(safe_get_full_fp32_param(p).reshape(p.shape))
 
 
 def _trainer_state(path: Path, rank: int) -> dict[str, Any]:

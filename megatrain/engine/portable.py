@@ -1,6 +1,7 @@
 """Writing the portable copy (export/portable_format.py) from a running DeepSpeed engine, and loading it
 into an engine of any layout: the full fp32 master weights and Adam moments of every TP shard are
-gathered over DP, then set back through DeepSpeed's safe_get/set_full_* API.
+gathered over DP (routed experts: over their expert-DP group, then over EP into the full [E, ...]
+tensors), then set back through DeepSpeed's safe_get/set_full_* API.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megatrain.config import ModelConfig
 from megatrain.export.portable_format import (
@@ -24,7 +26,7 @@ from megatrain.export.portable_format import (
     tensor_key,
     write_shard,
 )
-from megatrain.model.init import canonical_parameters, full_shape
+from megatrain.model.init import canonical_parameters, full_shape, shard
 from megatrain.parallel import deepspeed_internals as ds
 from megatrain.parallel.mesh import Mesh
 
@@ -42,6 +44,16 @@ def full_value(p: torch.nn.Parameter, moment: str | None, engine: Any) -> torch.
     return value.detach().float().cpu().reshape(ds.unpartitioned_shape(p)).clone()
 
 
+def gather_experts(value: torch.Tensor, p: torch.nn.Parameter, mesh: Mesh) -> torch.Tensor:
+    """A routed-expert tensor of this EP rank -> all experts', concatenated in EP rank order (collective
+    over EP); any other tensor as it is."""
+    if getattr(p, "ep_dim", None) is None or mesh.ep == 1:
+        return value
+    parts = [torch.empty_like(value) for _ in range(mesh.ep)]
+    dist.all_gather(parts, value, group=mesh.ep_group)
+    return torch.cat(parts, dim=p.ep_dim)
+
+
 def save(engine: Any, mesh: Mesh, directory: Path, *, step: int, model: ModelConfig,
          tokenizer_path: str | None = None, eod_id: int | None = None) -> None:
     """Collective: every rank calls it; DP rank 0 of each TP x PP shard writes."""
@@ -51,7 +63,8 @@ def save(engine: Any, mesh: Mesh, directory: Path, *, step: int, model: ModelCon
     tensors: dict[str, torch.Tensor] = {}
     tp_dims: dict[str, int | None] = {}
     for name, p in canonical_parameters(engine.module):
-        values = {moment: full_value(p, moment, engine) for moment in (None, *MOMENTS)}  # every DP rank gathers
+        values = {moment: gather_experts(full_value(p, moment, engine), p, mesh)  # every rank gathers
+                  for moment in (None, *MOMENTS)}
         if writer and (p.tp_dim is not None or mesh.tp_rank == 0):
             tensors.update({tensor_key(name, moment): v for moment, v in values.items()})
             tp_dims[name] = p.tp_dim
@@ -76,7 +89,8 @@ def _optimizer_step(base: torch.optim.Optimizer) -> int:
 
 
 def local_slice(full: torch.Tensor, p: torch.nn.Parameter, mesh: Mesh) -> torch.Tensor:
-    return full if p.tp_dim is None else full.chunk(mesh.tp, dim=p.tp_dim)[mesh.tp_rank].contiguous()
+    dim, parts, index = shard(p, mesh)
+    return full if dim is None else full.chunk(parts, dim=dim)[index].contiguous()
 
 
 @torch.no_grad()
@@ -95,7 +109,7 @@ def set_parameter(p: torch.nn.Parameter, value: torch.Tensor, master: torch.Tens
 
 def check_shapes(module: torch.nn.Module, mesh: Mesh, shapes: dict[str, list[int]], source: str) -> None:
     """Fail before touching any weight if `source` holds another model than this run builds."""
-    mine = {name: full_shape(p, mesh.tp) for name, p in canonical_parameters(module)}
+    mine = {name: full_shape(p, mesh) for name, p in canonical_parameters(module)}
     missing = sorted(set(mine) - set(shapes))
     wrong = {n: (shapes[n], mine[n]) for n in mine if n in shapes and list(shapes[n]) != mine[n]}
     if missing or wrong:
@@ -115,16 +129,20 @@ def load(engine: Any, mesh: Mesh, directory: Path) -> PortableCheckpoint:
     check_shapes(engine.module, mesh, {n: source.shape(n) for n in source.names()}, str(directory))
     base = ds.base_optimizer(engine)
     _create_optimizer_state(engine, source.state["optimizer_step"])
-    for name, p in canonical_parameters(engine.module):  # this stage's parameters, this TP rank's slices
+    for name, p in canonical_parameters(engine.module):  # this stage's parameters, this TP / EP rank's slices
         master = None if ds.has_fp32_master(p) else ds.unlinked_master(engine, p)
-        set_parameter(p, source.local(name, None, p.tp_dim, mesh.tp, mesh.tp_rank), master)
+        set_parameter(p, source.local(name, None, *shard(p, mesh)), master)
         for moment in MOMENTS:
-            value = source.local(name, moment, p.tp_dim, mesh.tp, mesh.tp_rank).to(p.device)
+            value = source.local(name, moment, *shard(p, mesh)).to(p.device)
             if master is None:
                 safe_set_full_optimizer_state(p, value, moment)
             else:  # ZeRO-0: state keyed by the parameter itself or its unlinked fp32 copy
                 base.state[master][moment].copy_(value.reshape(master.shape))
-    engine.lr_scheduler.load_state_dict(source.state["scheduler"])
+    # One schedule for every param group: its per-group lists repeat one value; fit them to this optimizer's
+    # groups (a MoE model's routed experts are a group of their own; copies written before had two groups)
+    scheduler = {k: v[:1] * len(base.param_groups) if k in ("base_lrs", "_last_lr") else v
+                 for k, v in source.state["scheduler"].items()}
+    engine.lr_scheduler.load_state_dict(scheduler)
     for group, lr in zip(base.param_groups, engine.lr_scheduler.get_last_lr()):
         group["lr"] = lr  # the scheduler sets rates only when it steps; the next step needs this one
     ds.set_step_counters(engine, source.state["step"])

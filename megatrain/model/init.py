@@ -1,8 +1,9 @@
 """Layout-independent initialisation.
 
 Each parameter's *full* tensor is drawn from a generator seeded by (seed, parameter name) and
-this rank keeps its TP slice, so TP=1, TP=2, ZeRO-3 or a pipeline stage all start from the same
-weights. Output projections get GPT-2/Megatron's scaled std (set by the layers in `p.init`).
+this rank keeps its TP (routed experts: EP) slice, so TP=1, TP=2, EP=2, ZeRO-3 or a pipeline
+stage all start from the same weights. Output projections get GPT-2/Megatron's scaled std
+(set by the layers in `p.init`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,20 @@ from megatrain.parallel.deepspeed_internals import unpartitioned_shape
 from megatrain.parallel.mesh import Mesh
 
 
-def full_shape(p: torch.Tensor, tp: int) -> list[int]:
-    """The shape of the whole parameter: before ZeRO-3 partitioning and TP sharding."""
+def shard(p: torch.Tensor, mesh: Mesh) -> tuple[int | None, int, int]:
+    """(dim, parts, index): this rank holds slice `index` of `parts` of the full parameter along `dim`
+    (None: the whole). Routed experts are split over EP (dim 0), TP-sharded layers over TP."""
+    if getattr(p, "ep_dim", None) is not None:
+        return p.ep_dim, mesh.ep, mesh.ep_rank
+    return getattr(p, "tp_dim", None), mesh.tp, mesh.tp_rank
+
+
+def full_shape(p: torch.Tensor, mesh: Mesh) -> list[int]:
+    """The shape of the whole parameter: before ZeRO-3 partitioning, TP and EP sharding."""
     shape = list(unpartitioned_shape(p))
-    if getattr(p, "tp_dim", None) is not None:
-        shape[p.tp_dim] *= tp
+    dim, parts, _ = shard(p, mesh)
+    if dim is not None:
+        shape[dim] *= parts
     return shape
 
 
@@ -34,9 +44,10 @@ def init_parameter(p: torch.Tensor, name: str, seed: int, mesh: Mesh) -> None:
         p.zero_()
     elif kind == "normal":
         gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        full = torch.empty(full_shape(p, mesh.tp)).normal_(0.0, p.init[1], generator=gen)
-        if p.tp_dim is not None:
-            full = full.chunk(mesh.tp, dim=p.tp_dim)[mesh.tp_rank]
+        full = torch.empty(full_shape(p, mesh)).normal_(0.0, p.init[1], generator=gen)
+        dim, parts, index = shard(p, mesh)
+        if dim is not None:
+            full = full.chunk(parts, dim=dim)[index]
         p.copy_(full)
     else:
         raise ValueError(f"unknown init {p.init!r} for parameter {name}")

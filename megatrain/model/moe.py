@@ -9,12 +9,11 @@ Dropless: every routed copy of a token is computed, none is dropped for capacity
 expert into one buffer and each expert's GEMMs run on its contiguous slice. Under expert parallelism the
 sorted buffer goes to the EP rank that computes each expert and comes back (parallel/experts.py).
 
-Expert weights are stacked [experts, out, in] (the Hugging Face Qwen2-MoE layout) and replicated on every
-rank, like dense weights: a rank computes only its EP share of the experts, so its gradient is zero for the
-others, and the data-parallel mean (sum over the ranks that computed expert e, over dp) is exactly the
-gradient of the global-batch loss. ZeRO-1/2 shard their optimizer states over DP (ZeRO-3: refused). Routed experts
-are not TP-sharded: TP ranks compute them redundantly on the same tokens; the shared experts are a dense,
-TP-sharded MLP.
+Expert weights are stacked [experts, out, in] (the Hugging Face Qwen2-MoE layout); each EP rank holds only
+its E / ep experts (`ep_dim=0`), replicated over the expert-data-parallel ranks, which reduce their gradients
+(DeepSpeed's MoE parameter groups, engine/build.py; ZeRO-3: refused). Routed experts are not
+TP-sharded: TP ranks compute them redundantly on the same tokens; the shared experts are a dense, TP-sharded
+MLP.
 
 Balancing: a sequence-wise auxiliary loss (DeepSeek-V3's, coef x E x sum_i f_i P_i per sequence, averaged
 over sequences) -- per sequence, so it does not change with the DP size or micro-batch split -- and/or the
@@ -40,23 +39,23 @@ from megatrain.parallel.mesh import Mesh
 
 
 class Experts(nn.Module):
-    """`experts` FFNs as stacked weights; forward runs a contiguous slice of the sorted buffer through each."""
+    """This EP rank's E / ep FFNs as stacked weights [E / ep, out, in] (EP rank r holds experts
+    [r E / ep, (r + 1) E / ep)); forward runs a contiguous slice of the sorted buffer through each."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh):
         super().__init__()
-        e, d, f = cfg.moe.experts, cfg.d_model, cfg.expert_ffn_dim
+        e, d, f = cfg.moe.experts // mesh.ep, cfg.d_model, cfg.expert_ffn_dim
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.swiglu = cfg.activation == "swiglu"
         if self.swiglu:
-            self.gate = make_param((e, f, d), ("normal", std))
-        self.up = make_param((e, f, d), ("normal", std))
-        self.down = make_param((e, d, f), ("normal", out_std))
+            self.gate = make_param((e, f, d), ("normal", std), ep_dim=0)
+        self.up = make_param((e, f, d), ("normal", std), ep_dim=0)
+        self.down = make_param((e, d, f), ("normal", out_std), ep_dim=0)
 
-    def forward(self, x: torch.Tensor, sizes: list[int], first: int) -> torch.Tensor:
-        """x: rows grouped by expert, `sizes[j]` rows for expert `first + j` (a rank's EP share)."""
+    def forward(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """x: rows grouped by local expert, `sizes[e]` rows for local expert e."""
         outs = []
-        for j, rows in enumerate(x.split(sizes)):  # empty slices too: every expert gets a (zero) gradient
-            e = first + j
+        for e, rows in enumerate(x.split(sizes)):  # empty slices too: every expert gets a (zero) gradient
             if self.swiglu:
                 h = F.silu(F.linear(rows, self.gate[e])) * F.linear(rows, self.up[e])
             else:
@@ -73,7 +72,7 @@ class MoE(nn.Module):
         self.sigmoid, self.rate = moe.router == "sigmoid", moe.bias_update_rate
         self.aux_coef, self.z_coef = moe.aux_loss_coef, moe.z_loss_coef
         self.router = make_param((moe.experts, cfg.d_model), ("normal", cfg.init_std))
-        self.experts = Experts(cfg)
+        self.experts = Experts(cfg, mesh)
         self.shared = None
         if moe.shared_experts:  # one dense (TP-sharded) MLP as wide as all the shared experts together
             self.shared = dense_mlp(dataclasses.replace(cfg, ffn_hidden=moe.shared_experts * cfg.expert_ffn_dim),
@@ -122,7 +121,7 @@ class MoE(nn.Module):
             self.counted = aux_losses
         dispatch = Dispatch(counts, self.mesh.ep_group)
         grouped = dispatch.to_expert_major(dispatch.send_out(tokens[token_of]))
-        out = self.experts(grouped, dispatch.expert_sizes(), self.mesh.ep_rank * dispatch.local_experts)
+        out = self.experts(grouped, dispatch.expert_sizes())
         back = dispatch.send_back(dispatch.to_source_major(out))
         routed = tokens.new_zeros(tokens.shape).index_add(0, token_of, back * weights.reshape(-1)[order, None].to(
             back.dtype))

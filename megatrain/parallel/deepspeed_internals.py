@@ -9,7 +9,9 @@ DeepSpeed is imported inside the functions: its accelerator must be chosen befor
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -216,3 +218,71 @@ def load_checkpoints_weights_only(engine: Any) -> None:
     checkpoint_engine = getattr(engine, "checkpoint_engine", None)
     _require(callable(getattr(checkpoint_engine, "load", None)), "DeepSpeedEngine.checkpoint_engine.load")
     checkpoint_engine.load = load_weights_only
+
+
+def expert_group_name(ep: int) -> str:
+    """DeepSpeed's name of the expert groups of size ep (its groups module parses the size out of it)."""
+    return f"ep_size_{ep}"
+
+
+def register_expert_groups(mesh: Any) -> None:
+    """Hand DeepSpeed the mesh's EP and expert-DP groups (no expert parallelism: none) and mark the routed
+    experts (parameters with `ep_dim`) as DeepSpeed MoE parameters of that group.
+
+    DeepSpeed's ZeRO-1/2 and BF16 optimizers partition an 'moe' parameter group over, and reduce its
+    gradients over, `groups._EXPERT_DATA_PARALLEL_GROUP[name]`; its engine broadcasts such parameters over
+    that group only and skips them in the dense gradient all-reduce (`p.allreduce = False`). DeepSpeed
+    fills these dicts only for its own deepspeed.moe layers, from its own rank arithmetic; here the mesh
+    owns the groups, so they are set to the mesh's (replaced, not merged: one engine per process at a time).
+    """
+    from deepspeed.utils import groups
+
+    _require(all(hasattr(groups, name) for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_DATA_PARALLEL_GROUP",
+                                                     "_get_expert_data_parallel_group_dict")),
+             "deepspeed.utils.groups._EXPERT_PARALLEL_GROUP / _EXPERT_DATA_PARALLEL_GROUP")
+    on = mesh.ep > 1
+    name = expert_group_name(mesh.ep)
+    groups._EXPERT_PARALLEL_GROUP = {name: mesh.ep_group} if on else {}
+    groups._EXPERT_DATA_PARALLEL_GROUP = {name: mesh.expert_dp_group} if on else {}
+
+
+def mark_expert_parameters(params: list[torch.nn.Parameter], ep: int) -> None:
+    """DeepSpeed's MoE parameter marks (deepspeed.moe.utils.is_moe_param): excluded from the dense DP
+    reduction, reduced over the expert-DP group named `group_name`."""
+    for p in params:
+        p.allreduce = False
+        p.group_name = expert_group_name(ep)
+
+
+def is_expert_parallel(p: torch.Tensor) -> bool:
+    """Whether `p` is a routed expert DeepSpeed partitions over the expert-DP group (mark_expert_parameters)."""
+    return getattr(p, "allreduce", True) is False and hasattr(p, "group_name")
+
+
+@contextlib.contextmanager
+def expert_parallel_engine(enabled: bool) -> Iterator[None]:
+    """While deepspeed.initialize runs: make the engine take its MoE paths (has_moe_layers).
+
+    DeepSpeed sets has_moe_layers in DeepSpeedEngine._configure_distributed_model only when it finds its own
+    deepspeed.moe.layer.MoE modules, and the optimizer wrappers it builds next read the flag (ZeRO-1/2 and
+    BF16: per-group expert-DP partitions; ZeRO-2: reduce-scatter of expert gradients over expert DP; the
+    grad norm). Our experts are plain stacked parameters, so the flag is set right after that method.
+    """
+    if not enabled:
+        yield
+        return
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = getattr(DeepSpeedEngine, "_configure_distributed_model", None)
+    _require(callable(original), "DeepSpeedEngine._configure_distributed_model")
+
+    def configure(self: Any, model: torch.nn.Module) -> None:
+        original(self, model)
+        _require(hasattr(self, "has_moe_layers"), "DeepSpeedEngine.has_moe_layers")
+        self.has_moe_layers = True
+
+    DeepSpeedEngine._configure_distributed_model = configure
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._configure_distributed_model = original

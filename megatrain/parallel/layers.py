@@ -40,11 +40,15 @@ def sequence_parallel_param(p: torch.Tensor, mesh: Mesh, sp: bool) -> torch.Tens
     return copy_to_tp(p, mesh.tp_group) if sp else p
 
 
-def make_param(shape: tuple[int, ...], init: tuple, tp_dim: int | None = None) -> nn.Parameter:
-    """An uninitialised parameter with the metadata that layout-independent init needs."""
+def make_param(shape: tuple[int, ...], init: tuple, tp_dim: int | None = None,
+               ep_dim: int | None = None) -> nn.Parameter:
+    """An uninitialised parameter with the metadata that layout-independent init needs.
+
+    `ep_dim`: the dim split across expert-parallel ranks (routed experts' stacked weights), like `tp_dim`."""
     p = nn.Parameter(torch.empty(shape))
     p.init = init
     p.tp_dim = tp_dim
+    p.ep_dim = ep_dim
     if tp_dim is not None:
         p.model_parallel = p.tensor_model_parallel = True
         p.partition_dim = tp_dim

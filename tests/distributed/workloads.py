@@ -99,6 +99,6 @@ def loss_and_full_gradients(model: Transformer, mesh: Mesh, document_mask: bool 
             parts = [torch.empty_like(g) for _ in range(mesh.tp)]
             dist.all_gather(parts, g.contiguous(), group=mesh.tp_group)
             g = torch.cat(parts, dim=p.tp_dim)
-        assert list(g.shape) == full_shape(p, mesh.tp)
+        assert list(g.shape) == full_shape(p, mesh)
         grads[name] = g
     return {"loss": loss.item(), "grads": grads}

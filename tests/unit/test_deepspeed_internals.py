@@ -124,3 +124,35 @@ def test_checkpoint_files_load_weights_only_with_deepspeeds_types_and_nothing_el
     with pytest.raises(ds.UnsafeCheckpointFile, match="x.pt holds an object other than tensors.*io.open"):
         engine.checkpoint_engine.load(str(tmp_path / "x.pt"))
     assert not marker.exists()
+
+
+def test_expert_marks_and_groups_are_what_deepspeeds_moe_paths_read():
+    """Expert parallelism (engine/build.py) relies on: deepspeed.moe.utils.is_moe_param reading our marks, the
+    groups module serving the mesh's groups under DeepSpeed's name (its checkpoint save asks for the largest
+    one by name), and the has_moe_layers hook being in place only while deepspeed.initialize runs. That
+    DeepSpeed then partitions and reduces the experts over that group is tests/distributed/test_moe_parallel.py."""
+    from types import SimpleNamespace
+
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.utils import groups
+
+    expert, dense = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    ds.mark_expert_parameters([expert], 2)
+    assert is_moe_param(expert) and not is_moe_param(dense)
+    assert ds.is_expert_parallel(expert) and not ds.is_expert_parallel(dense)
+    mesh = SimpleNamespace(ep=2, ep_group=object(), expert_dp_group=object())
+    ds.register_expert_groups(mesh)
+    try:
+        assert groups._get_max_expert_size_name() == expert.group_name == ds.expert_group_name(2)
+        assert groups._get_expert_parallel_group(expert.group_name) is mesh.ep_group
+        assert groups._get_expert_data_parallel_group_dict() == {expert.group_name: mesh.expert_dp_group}
+    finally:
+        ds.register_expert_groups(SimpleNamespace(ep=1, ep_group=None, expert_dp_group=None))
+    assert groups._get_expert_parallel_group_dict() == {}
+    original = DeepSpeedEngine._configure_distributed_model
+    with ds.expert_parallel_engine(True):
+        assert DeepSpeedEngine._configure_distributed_model is not original
+    assert DeepSpeedEngine._configure_distributed_model is original
+    with ds.expert_parallel_engine(False):
+        assert DeepSpeedEngine._configure_distributed_model is original

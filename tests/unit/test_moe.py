@@ -107,6 +107,7 @@ def _config(**keys) -> Config:
     (dict(parallel__ep=2), 3, "must divide the data-parallel size 3"),
     (dict(parallel__pp=2), 2, "pipeline stages"),
     (dict(parallel__zero_stage=3), 2, "parallel.zero_stage=3 with model.moe.experts=4"),
+    (dict(parallel__ep=2, parallel__zero_stage=0), 2, "parallel.ep=2 with parallel.zero_stage=0"),
     (dict(parallel__cp=2), 2, "parallel.cp=2 with model.moe.experts=4"),
     (dict(parallel__tp=2, parallel__sequence_parallel=True), 2, "whole sequences"),
     (dict(model__moe=MoEConfig(experts=4, top_k=5)), 1, "model.moe.top_k=5"),
@@ -136,10 +137,35 @@ def test_parameter_counts_planner_and_active_flops_match_the_model():
     assert matmul_params(cfg) == counts.active_non_embedding + 256 * 32
     assert param_counts(dataclasses.replace(cfg, moe=MoEConfig())).total == counts.total - (
         4 * expert + 4 * 32 + expert - dense_mlp)  # routed experts + router + shared expert replace the MLP
-    for tp in (1, 2):
-        tp_model = Transformer(cfg, Mesh(Layout(tp=tp)))
-        assert stage_params(Config(model=cfg, parallel=ParallelConfig(tp=tp))) == [
-            sum(p.numel() for p in tp_model.parameters())]
+    for tp, ep in ((1, 1), (2, 1), (1, 2), (2, 2)):  # a rank of each layout, EP carved out of DP = 2
+        rank_model = Transformer(cfg, Mesh(Layout(tp=tp, dp=ep, ep=ep)))
+        assert stage_params(Config(model=cfg, parallel=ParallelConfig(tp=tp, ep=ep))) == [
+            sum(p.numel() for p in rank_model.parameters())]
+
+
+@pytest.mark.parametrize("zero, precision", [(1, "fp32"), (2, "fp32"), (1, "bf16")])
+def test_planner_counts_one_ep_ranks_experts_partitioned_over_expert_dp(zero, precision):
+    """Routed experts on a rank: E / ep of them, their ZeRO states split over the DP / ep expert-DP ranks."""
+    from megatrain.plan import plan
+    from tests.unit.test_plan import preset
+
+    def memory(ep: int):
+        cfg = preset("tiny-moe", "model.vocab_size=256", f"parallel.ep={ep}", f"parallel.zero_stage={zero}",
+                     "plan.num_gpus=4", f"train.precision={precision}", "train.micro_batch_size=1",
+                     "train.global_batch_size=4")
+        return cfg, plan(cfg).memory
+
+    cfg, one = memory(1)
+    _, two = memory(2)
+    model = cfg.model
+    routed = sum(model.is_moe_layer(i) for i in range(model.n_layers)) * model.moe.experts * 3 * (
+        model.expert_ffn_dim * model.d_model)
+    width = 2 if precision == "bf16" else 4
+    assert one.weights - two.weights == width * routed / 2  # half the experts' weights
+    # the optimizer's share of them stays 1/4: E / 2 experts partitioned over 2 expert-DP ranks, not E over 4
+    assert one.optimizer == two.optimizer
+    # unpartitioned gradients halve (BF16_Optimizer's bf16 and fp32 copies: 6 bytes); partitioned ones stay 1/4
+    assert one.gradients - two.gradients == (6 * routed / 2 if precision == "bf16" else 0)
 
 
 @pytest.mark.parametrize("shared", [1, 0])
