@@ -6,6 +6,7 @@ tensors), then set back through DeepSpeed's safe_get/set_full_* API.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -23,8 +24,8 @@ from megatrain.export.portable_format import (
     STATE,
     TOKENIZER,
     PortableCheckpoint,
+    ShardWriter,
     tensor_key,
-    write_shard,
 )
 from megatrain.model.init import canonical_parameters, full_shape, shard
 from megatrain.parallel import deepspeed_internals as ds
@@ -54,22 +55,32 @@ def gather_experts(value: torch.Tensor, p: torch.nn.Parameter, mesh: Mesh) -> to
     return torch.cat(parts, dim=p.ep_dim)
 
 
+def _saved_shape(p: torch.nn.Parameter, mesh: Mesh) -> list[int]:
+    """The shape gather_experts(full_value(p, ...)) has: this TP rank's, all EP ranks' experts."""
+    shape = list(ds.unpartitioned_shape(p))
+    if getattr(p, "ep_dim", None) is not None and mesh.ep > 1:
+        shape[p.ep_dim] *= mesh.ep
+    return shape
+
+
 def save(engine: Any, mesh: Mesh, directory: Path, *, step: int, model: ModelConfig,
          tokenizer_path: str | None = None, eod_id: int | None = None) -> None:
     """Collective: every rank calls it; DP rank 0 of each TP x PP shard writes."""
     base = ds.base_optimizer(engine)
     ds.relink_optimizer_state(engine)
-    writer = mesh.dp_rank == 0
-    tensors: dict[str, torch.Tensor] = {}
-    tp_dims: dict[str, int | None] = {}
-    for name, p in canonical_parameters(engine.module):
-        values = {moment: gather_experts(full_value(p, moment, engine), p, mesh)  # every rank gathers
-                  for moment in (None, *MOMENTS)}
-        if writer and (p.tp_dim is not None or mesh.tp_rank == 0):
-            tensors.update({tensor_key(name, moment): v for moment, v in values.items()})
-            tp_dims[name] = p.tp_dim
-    if writer:
-        write_shard(directory, mesh.pp_rank, mesh.tp_rank, mesh.tp, tensors, tp_dims)
+    params = list(canonical_parameters(engine.module))
+    mine = {name for name, p in params if p.tp_dim is not None or mesh.tp_rank == 0}  # replicated: TP rank 0
+    shapes = {tensor_key(name, moment): _saved_shape(p, mesh)
+              for name, p in params if name in mine for moment in (None, *MOMENTS)}
+    tp_dims = {name: p.tp_dim for name, p in params if name in mine}
+    writer = (ShardWriter(directory, mesh.pp_rank, mesh.tp_rank, mesh.tp, shapes, tp_dims)
+              if mesh.dp_rank == 0 else None)
+    with writer or contextlib.nullcontext():
+        for name, p in params:
+            for moment in (None, *MOMENTS):
+                value = gather_experts(full_value(p, moment, engine), p, mesh)  # every rank gathers
+                if writer and name in mine:  # the writer holds one tensor at a time
+                    writer.write(tensor_key(name, moment), value)
     if mesh.rank == 0:
         state = {"format": FORMAT, "step": step, "model": asdict(model), "tp": mesh.tp, "pp": mesh.pp,
                  "optimizer_step": _optimizer_step(base), "scheduler": engine.lr_scheduler.state_dict()}

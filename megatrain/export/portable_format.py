@@ -17,14 +17,14 @@ engine/portable.py.
 from __future__ import annotations
 
 import json
+import math
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from megatrain.config import ModelConfig
-from megatrain.data.manifest import with_umask_mode
 
 DIR = "portable"
 STATE = "state.json"
@@ -38,14 +38,44 @@ def tensor_key(name: str, moment: str | None) -> str:
     return name if moment is None else f"{moment}/{name}"
 
 
-def write_shard(directory: Path, pp_rank: int, tp_rank: int, tp: int, tensors: dict[str, torch.Tensor],
-                tp_dims: dict[str, int | None]) -> None:
-    """One (PP stage, TP rank) file: its tensors and, per parameter, the dim TP splits (None: replicated)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    meta = {"tp_dims": json.dumps(tp_dims), "tp": str(tp), "tp_rank": str(tp_rank)}
-    path = directory / f"pp{pp_rank:03d}-tp{tp_rank:03d}.safetensors"
-    save_file(tensors, str(path), metadata=meta)
-    with_umask_mode(path)  # safetensors creates 0600
+class ShardWriter:
+    """One (PP stage, TP rank) file, written tensor by tensor: every key's shape is known before any value
+    (the safetensors header comes first), so the writer holds one tensor at a time, not its shard's whole
+    fp32 state (12 B/param: save_file needs every tensor at once). Values must come in `shapes`' order."""
+
+    def __init__(self, directory: Path, pp_rank: int, tp_rank: int, tp: int, shapes: dict[str, list[int]],
+                 tp_dims: dict[str, int | None]):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"pp{pp_rank:03d}-tp{tp_rank:03d}.safetensors"
+        header: dict = {"__metadata__": {"tp_dims": json.dumps(tp_dims), "tp": str(tp), "tp_rank": str(tp_rank)}}
+        offset = 0
+        for key, shape in shapes.items():
+            size = 4 * math.prod(shape)
+            header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes with trailing spaces
+        self._pending = list(shapes.items())[::-1]
+        self._file = open(self.path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, key: str, value: torch.Tensor) -> None:
+        if not self._pending:
+            raise ValueError(f"{self.path}: {key} is not in the header (all tensors already written)")
+        want, shape = self._pending.pop()
+        if key != want or list(value.shape) != list(shape) or value.dtype != torch.float32:
+            raise ValueError(f"{self.path}: expected {want} float32 {shape}, got {key} {value.dtype} "
+                             f"{list(value.shape)}")
+        self._file.write(value.detach().cpu().contiguous().numpy().data)  # little-endian, as the format is
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+        if exc[0] is None and self._pending:
+            raise ValueError(f"{self.path}: {len(self._pending)} tensors never written, first "
+                             f"{self._pending[-1][0]}")
 
 
 class PortableCheckpoint:
