@@ -53,7 +53,7 @@ def torchrun(*overrides: str) -> subprocess.CompletedProcess:
 def planned_total_gb(overrides: list[str], per_rank_gb: float) -> tuple[float, str]:
     result = run([sys.executable, "-m", "launcher.plan", *overrides, f"plan.num_gpus={RANKS}",
                   f"plan.gpu_memory_gb={per_rank_gb:.3f}", "plan.overhead_gb=0.075"])
-    assert result.returncode == 0, result.stderr
+    assert result.returncode in (0, 3), result.stderr  # 3: launcher.plan says it does not fit
     line = next(x for x in result.stdout.splitlines() if x.strip().startswith("total"))
     return float(re.search(r"total\s+([\d.]+) GB", line).group(1)), line.strip()
 
