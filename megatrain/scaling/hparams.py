@@ -8,8 +8,8 @@ one does); its vertex is that budget's optimum, kept only where it is bracketed:
 cell is not on the edge of the swept grid and the vertex lies inside it (otherwise the number
 would be an extrapolation, and the budget is skipped with the reason). Where cells repeat, the
 lowest cell is compared with its grid neighbours: a neighbour closer than twice the standard
-error of the difference (pooled seed sd) means the optimum is not resolved beyond seed noise, and
-the fit says so. The optima at 2+ budgets give the power laws by least squares in log-log;
+error of the difference (seed sd pooled over those cells) means the optimum is not resolved
+beyond seed noise, and the fit says so. The optima at 2+ budgets give the power laws by least squares in log-log;
 intervals come from a two-stage bootstrap (cells within each budget, then runs within each
 cell), so they carry the seed noise. B is in tokens per optimizer step (global batch x seq_len),
 eta the peak learning rate; C follows fit.compute (6ND or measured).
@@ -93,22 +93,27 @@ def cells_of(group: Sequence[HparamPoint]) -> list[Cell]:
 
 
 def _resolution(cells: list[Cell], best: int, varied: list[str]) -> dict:
-    """How the lowest cell stands against its grid neighbours (8-neighbourhood) beyond the seed noise."""
-    repeats = [c for c in cells if len(c.losses) >= 2]
+    """How the lowest cell stands against its grid neighbours (8-neighbourhood) beyond the seed noise: the
+    sd pooled over the lowest cell and its neighbours, since unstable corners of a grid (high lr) are
+    noisier than its valley; over the whole budget where none of those repeats."""
     out: dict = {"seeds": max(len(c.losses) for c in cells), "seed_sd": None, "resolved": None}
+    index = {k: sorted({round(math.log(getattr(c, k)), 6) for c in cells}) for k in varied}
+    where = [[index[k].index(round(math.log(getattr(c, k)), 6)) for k in varied] for c in cells]
+    near = [i for i in range(len(cells)) if i != best and
+            max(abs(a - b) for a, b in zip(where[i], where[best], strict=True)) == 1]
+    repeats = [cells[i] for i in [best, *near] if len(cells[i].losses) >= 2] or [
+        c for c in cells if len(c.losses) >= 2]
     if not repeats:
         return out
     dof = sum(len(c.losses) - 1 for c in repeats)
     sd = math.sqrt(sum((len(c.losses) - 1) * np.var(c.losses, ddof=1) for c in repeats) / dof)
-    index = {k: sorted({round(math.log(getattr(c, k)), 6) for c in cells}) for k in varied}
-    where = [[index[k].index(round(math.log(getattr(c, k)), 6)) for k in varied] for c in cells]
     closest = None
-    for i, c in enumerate(cells):
-        if i != best and max(abs(a - b) for a, b in zip(where[i], where[best], strict=True)) == 1:
-            se = sd * math.sqrt(1 / len(c.losses) + 1 / len(cells[best].losses))
-            gap = c.loss - cells[best].loss
-            if closest is None or gap / se < closest[0]:
-                closest = (gap / se, gap, se, c)
+    for c in (cells[i] for i in near):
+        se = sd * math.sqrt(1 / len(c.losses) + 1 / len(cells[best].losses))
+        gap = c.loss - cells[best].loss
+        z = gap / se if se > 0 else math.inf if gap > 0 else 0.0  # se 0: repeats that agree exactly
+        if closest is None or z < closest[0]:
+            closest = (z, gap, se, c)
     out["seed_sd"] = sd
     if closest is not None:
         z, gap, se, c = closest
