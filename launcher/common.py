@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import hydra
+from omegaconf import DictConfig
 
 from megatrain.config import Config, ConfigError, register_configs
 
@@ -57,17 +58,34 @@ def hydra_main(task: Callable) -> Callable[[], None]:
     entry = hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)(checked)
 
     def main() -> None:
-        check_overrides(sys.argv[1:])
-        entry()
+        argv = sys.argv[1:]
+        cfg = check_overrides(argv)
+        if cfg is None or _needs_hydra(argv):
+            entry()
+            return
+        # A single run with conf/config.yaml's hydra settings (run dir ".", no output subdir, no logging setup):
+        # Hydra's entry would compose this same config twice more (~0.5 s each, on every rank) only to hand it
+        # to the task, so hand it over here, as Hydra's run_job does.
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import open_dict, read_write
+
+        HydraConfig.instance().set_config(cfg)
+        with read_write(cfg), open_dict(cfg):
+            del cfg["hydra"]
+        checked(cfg)
 
     return main
 
 
-def check_overrides(argv: list[str]) -> None:
-    """Compose the config as Hydra will, turning its multi-line errors into `fail()` lines.
+def _needs_hydra(argv: list[str]) -> bool:
+    """A multirun, or a run that overrides Hydra's own settings (hydra.run.dir, callbacks, job.chdir...)."""
+    return any(a in ("-m", "--multirun") or a.lstrip("+~").startswith("hydra") for a in argv)
 
-    Flags other than --multirun (--help, --cfg, --config-dir...) are left to Hydra itself; a multirun's
-    sweep overrides (a=1,2) are checked by each of its jobs.
+
+def check_overrides(argv: list[str]) -> DictConfig | None:
+    """Compose the config as Hydra will, turning its multi-line errors into `fail()` lines; return it (with its
+    hydra node), or None where flags other than --multirun (--help, --cfg, --config-dir...) leave it to Hydra
+    itself. A multirun's sweep overrides (a=1,2) are checked by each of its jobs.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -75,7 +93,7 @@ def check_overrides(argv: list[str]) -> None:
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
-        return
+        return None
     parser, overrides = OverridesParser.create(), []
     for text in (a for a in argv if not a.startswith("-")):
         try:
@@ -99,6 +117,7 @@ def check_overrides(argv: list[str]) -> None:
         unknown = set(cfg[name]) - {f.name for f in dataclasses.fields(schema)}
         if unknown:
             fail(_unknown_key(f"{name}.{sorted(unknown)[0]}", schema))
+    return cfg
 
 
 def _hydra_message(err: Exception) -> str:

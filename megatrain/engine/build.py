@@ -69,6 +69,8 @@ def init_distributed(device: torch.device) -> None:
     import deepspeed
 
     ds.skip_shm_comm_op()
+    ds.import_muon_uncompiled()
+    ds.quiet_bf16_optimizer()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",

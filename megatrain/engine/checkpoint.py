@@ -29,19 +29,22 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import xxhash
 
-from megatrain.config import Config, ConfigError, grad_reduce_dtype
+from megatrain.config import Config, ConfigError, ModelConfig, grad_reduce_dtype
 from megatrain.engine import portable
 from megatrain.export.portable_format import DIR as PORTABLE_DIR
 from megatrain.model.init import canonical_parameters, shard
 from megatrain.parallel import deepspeed_internals
 from megatrain.parallel.mesh import Mesh
+
+if TYPE_CHECKING:
+    from megatrain.export.hf import HFWeights
 
 log = logging.getLogger("megatrain")
 
@@ -261,23 +264,28 @@ class Checkpointer:
             state["data"] = adapt_loader_state(state["data"], layout.micro_batch_size, layout.dp)
         return state
 
-    def init_from(self, engine: Any, source: str) -> None:
+    def init_from(self, engine: Any, weights: HFWeights) -> None:
         """Collective: set the model's weights from a Hugging Face directory (`train.init_from`).
 
         Each rank reads only its pipeline stage's tensors and their TP slices, not the whole model."""
-        from megatrain.export.hf import HFWeights
-
-        run = self.context
-        try:
-            weights = HFWeights(Path(source), run.cfg.model)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"train.init_from={source}: {err}") from err
+        run, source = self.context, weights.directory
         portable.check_shapes(engine.module, run.mesh, weights.shapes(), source)
         for name, p in canonical_parameters(engine.module):
             master = None if deepspeed_internals.has_fp32_master(p) else deepspeed_internals.unlinked_master(engine, p)
             portable.set_parameter(p, weights.local(name, *shard(p, run.mesh)), master)
         log.info("initialised the model from %s: this rank read %.1f MB of the %.1f MB there (its stage and TP slices)",
                  source, weights.bytes_read / 1e6, weights.file_bytes() / 1e6)
+
+
+def hf_weights(source: str, m: ModelConfig) -> HFWeights:
+    """The Hugging Face directory `train.init_from` names, checked against the run's model from its config
+    and file headers alone: a wrong model or pickled weights are refused before any process group."""
+    from megatrain.export.hf import HFWeights
+
+    try:
+        return HFWeights(Path(source), m)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"train.init_from={source}: {err}") from err
 
 
 def restore_local_experts(engine: Any) -> None:

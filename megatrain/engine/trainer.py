@@ -19,7 +19,7 @@ from megatrain.data.dataset import TokenLoader, build_loader, check_data, load_t
 from megatrain.data.manifest import vocab_from_data
 from megatrain.data.prefetch import run_ahead
 from megatrain.engine.build import build_engine, init_distributed, pick_device, resolve_precision
-from megatrain.engine.checkpoint import Checkpointer, RunContext
+from megatrain.engine.checkpoint import Checkpointer, RunContext, hf_weights
 from megatrain.engine.dist_env import export_dist_env, resolve_dist_env
 from megatrain.engine.divergence import Diverged, Guard, roll_back
 from megatrain.engine.memory_check import check_memory
@@ -116,6 +116,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     start = resume_point(cfg, run_dir, env.rank)  # read-only, and the same on every rank
     if start.path is not None and env.rank == 0:
         check_same_model(run_dir, raw)
+    init_weights = hf_weights(cfg.train.init_from, cfg.model) if cfg.train.init_from and start.path is None else None
     if start.step >= cfg.train.steps:  # every rank returns here: no process group waits for a missing rank
         if env.rank == 0:
             log.info("run.dir=%s is finished: %s is at step %d of train.steps=%d; nothing to train (raise "
@@ -167,7 +168,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         step, tokens = state["step"], state["tokens"]
         log.info("resumed from %s at step %d (%d tokens)", resume_from, step, tokens)
     elif cfg.train.init_from:
-        checkpointer.init_from(engine, cfg.train.init_from)
+        checkpointer.init_from(engine, init_weights or hf_weights(cfg.train.init_from, cfg.model))
     if env.rank == 0 and step != start.step:  # a damaged newest checkpoint: it resumed from an older one
         reset_metrics(run_dir, step)
 

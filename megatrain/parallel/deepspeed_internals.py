@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +44,36 @@ def skip_shm_comm_op() -> None:
     _require(isinstance(ops, dict) and "deepspeed_shm_comm" in ops,
              "deepspeed.ops.__compatible_ops__['deepspeed_shm_comm']")
     ops["deepspeed_shm_comm"] = False
+
+
+MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def import_muon_uncompiled() -> None:
+    """DeepSpeed's optimizer wrappers import its Muon to ask `isinstance(optimizer, MuonWithAuxAdam)`, and
+    that import applies @torch.compile, which loads inductor (~1.5 s of every rank's start-up). megatrain
+    never builds a Muon optimizer, so import it once with the decorator as the identity."""
+    if MUON in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    _require(callable(getattr(compiler, "compile", None)), "deepspeed.runtime.compiler.compile")
+    decorator = compiler.compile
+    compiler.compile = lambda: (lambda fn: fn)
+    try:
+        importlib.import_module(MUON)
+    finally:
+        compiler.compile = decorator
+
+
+def quiet_bf16_optimizer() -> None:
+    """DeepSpeed's BF16_Optimizer forces four memory reports at its start (print "MA 0.36 GB ... CPU Virtual
+    Memory", each after a gc.collect: 0.62 s of rank 0's start measured, and noise in the user's log): turn them off."""
+    from deepspeed.runtime import bf16_optimizer
+
+    _require(callable(getattr(bf16_optimizer, "see_memory_usage", None)),
+             "deepspeed.runtime.bf16_optimizer.see_memory_usage")
+    bf16_optimizer.see_memory_usage = lambda message, force=False: None
 
 
 def record_unsharded_grad_norm(engine: Any) -> None:

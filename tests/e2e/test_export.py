@@ -19,6 +19,7 @@ from tests.e2e.conftest import TRAIN, cli, losses, torchrun
 ARGS = (*TRAIN, "train.precision=fp32", "train.eval_interval=0", "train.global_batch_size=4", "optim.warmup_steps=1")
 GPT2 = ("model.norm=layernorm", "model.position=learned", "model.activation=gelu", "model.bias=true",
         "model.tie_embeddings=true", "model.n_kv_heads=null")
+GPT2_ARGS = (*ARGS, *GPT2, "train.steps=4", "optim.lr=3e-3")
 
 
 @pytest.fixture(scope="module")
@@ -81,19 +82,37 @@ def test_tp2_checkpoint_exports_to_llama_with_the_same_logits(tp2_run, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def gpt2_export(tiny_data, tmp_path_factory) -> tuple[Path, Path]:
-    """A GPT-2-style run (one process, ZeRO-1) and its export."""
-    base = tmp_path_factory.mktemp("gpt2")
-    run, out = base / "run", base / "hf"
-    result = cli("launcher.train", *ARGS, *GPT2, f"data.path={tiny_data}", f"run.dir={run}", "train.steps=2",
-                 "optim.lr=3e-3")
+def gpt2_pp2_run(tiny_data, tmp_path_factory) -> Path:
+    """A GPT-2-style run over 2 pipeline stages, 4 steps, checkpoints at steps 2 and 4: its tied embedding is
+    held on both stages (it is one parameter everywhere else)."""
+    run = tmp_path_factory.mktemp("gpt2") / "run"
+    result = cli("launcher.train", *GPT2_ARGS, f"data.path={tiny_data}", f"run.dir={run}", "train.save_interval=2",
+                 "parallel.pp=2", launcher=torchrun(2))
     assert result.returncode == 0, result.stderr
-    checkpoint = run / "checkpoints" / "step_00000002"
+    return run
+
+
+@pytest.fixture(scope="module")
+def gpt2_export(gpt2_pp2_run, tmp_path_factory) -> tuple[Path, Path]:
+    """The pipeline run's last checkpoint and its export."""
+    checkpoint, out = gpt2_pp2_run / "checkpoints" / "step_00000004", tmp_path_factory.mktemp("gpt2") / "hf"
     _export((f"export.checkpoint={checkpoint}",), out)
     return checkpoint, out
 
 
-def test_gpt2_style_checkpoint_exports_to_gpt2_with_the_same_logits(gpt2_export):
+def test_tied_pp2_checkpoint_resumes_in_one_process_with_the_same_losses(gpt2_pp2_run, tiny_data, tmp_path):
+    one = tmp_path / "one"
+    shutil.copytree(gpt2_pp2_run / "checkpoints" / "step_00000002", one / "checkpoints" / "step_00000002")
+    result = cli("launcher.train", *GPT2_ARGS, f"data.path={tiny_data}", f"run.dir={one}")
+    assert result.returncode == 0, result.stderr
+    assert "loading its portable copy" in result.stderr
+    reference = {step: loss for step, loss in losses(gpt2_pp2_run).items() if step > 2}
+    assert losses(one).keys() == reference.keys()
+    for step, loss in losses(one).items():
+        assert loss == pytest.approx(reference[step], rel=1e-5), step
+
+
+def test_tied_pp2_checkpoint_exports_to_gpt2_with_the_same_logits(gpt2_export):
     _assert_same_logits(*gpt2_export, "GPT2LMHeadModel")
 
 
@@ -135,6 +154,7 @@ def test_init_from_a_different_model_names_the_keys_that_differ(gpt2_export, tin
                  f"run.dir={tmp_path / 'run'}", "train.steps=1", f"train.init_from={out}")
     assert result.returncode == 2
     assert "model.d_model=128 but" in result.stderr and "has 64" in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before any process group, any file
 
 
 @pytest.mark.parametrize("model, key", [
@@ -144,26 +164,6 @@ def test_init_from_a_different_model_names_the_keys_that_differ(gpt2_export, tin
 def test_models_hugging_face_cannot_represent_fail_naming_the_key(model, key):
     with pytest.raises(ValueError, match=key):
         architecture(ModelConfig(**model))
-
-
-def test_tied_pp2_checkpoint_resumes_in_one_process_and_exports_with_the_same_logits(tiny_data, tmp_path):
-    """A pipeline checkpoint holds the tied embedding on two stages; it is one parameter elsewhere."""
-    pp_run, one = tmp_path / "pp2", tmp_path / "one"
-    args = (*ARGS, *GPT2, f"data.path={tiny_data}", "train.steps=4")
-    result = cli("launcher.train", *args, f"run.dir={pp_run}", "train.save_interval=2", "parallel.pp=2",
-                 launcher=torchrun(2))
-    assert result.returncode == 0, result.stderr
-    shutil.copytree(pp_run / "checkpoints" / "step_00000002", one / "checkpoints" / "step_00000002")
-    result = cli("launcher.train", *args, f"run.dir={one}")
-    assert result.returncode == 0, result.stderr
-    assert "loading its portable copy" in result.stderr
-    reference = {step: loss for step, loss in losses(pp_run).items() if step > 2}
-    assert losses(one).keys() == reference.keys()
-    for step, loss in losses(one).items():
-        assert loss == pytest.approx(reference[step], rel=1e-5), step
-    out = tmp_path / "hf"
-    _export((f"run.dir={pp_run}",), out)
-    _assert_same_logits(pp_run / "checkpoints" / "step_00000004", out, "GPT2LMHeadModel")
 
 
 def test_export_into_a_non_empty_dir_is_refused_unless_export_overwrite(gpt2_export, tmp_path):
@@ -185,9 +185,11 @@ def test_export_refuses_non_finite_weights_naming_the_tensor_and_checkpoint(gpt2
 
     checkpoint = tmp_path / "diverged"
     shutil.copytree(gpt2_export[0], checkpoint)
-    shard = next((checkpoint / "portable").glob("*.safetensors"))
-    with safe_open(str(shard), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for shard in (checkpoint / "portable").glob("*.safetensors"):  # one per pipeline stage
+        with safe_open(str(shard), framework="pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        if "blocks.0.mlp.up.weight" in tensors:
+            break
     tensors["blocks.0.mlp.up.weight"][0, 0] = float("nan")
     save_file(tensors, str(shard), metadata=meta)
     out = tmp_path / "hf"
@@ -213,4 +215,4 @@ def test_init_from_a_directory_of_pickled_weights_is_refused_naming_the_file(gpt
                  "train.steps=1", f"train.init_from={hostile}")
     assert result.returncode == 2, result.stderr
     assert f"{hostile / 'pytorch_model.bin'} is a pickle, which megatrain never loads" in result.stderr
-    assert not marker.exists()
+    assert not marker.exists() and not (tmp_path / "run").exists()

@@ -3,6 +3,10 @@ DeepSpeed: when one changes, its test fails with the message naming the DeepSpee
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
+
 import pytest
 import torch
 
@@ -44,7 +48,8 @@ def probe_internals(rank: int) -> dict:
                                    (1, "bf16", "bf16"), (3, "bf16", "fp32")):
         cfg = make_config(train=dict(precision=precision, grad_reduce_dtype=grads, micro_batch_size=2, seq_len=16),
                           parallel=dict(zero_stage=zero))
-        engine = _engine(cfg)
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            engine = _engine(cfg)
         params = list(engine.module.parameters())
         masters = ds.master_partitions(engine)
         ds.relink_optimizer_state(engine)
@@ -57,7 +62,11 @@ def probe_internals(rank: int) -> dict:
             "fp32_master": {ds.has_fp32_master(p) for p in params},
             "zero3": {ds.is_zero3_partitioned(p) for p in params},
             "steps": (engine.global_steps, engine.global_samples),
+            "memory_reports": printed.getvalue().count("CPU Virtual Memory"),
         }
+    # Every engine above imported DeepSpeed's Muon (for an isinstance check): its @torch.compile must not
+    # have loaded inductor.
+    out["inductor_not_loaded"] = "torch._inductor.compile_fx" not in sys.modules
     return out
 
 
@@ -66,8 +75,8 @@ def probed() -> dict:
     return run_ranks(1, probe_internals)[0]
 
 
-def test_the_shared_memory_op_is_switched_off_before_init(probed):
-    assert probed["shm_op_disabled"]
+def test_the_shared_memory_op_is_off_and_deepspeeds_muon_loads_no_inductor(probed):
+    assert probed["shm_op_disabled"] and probed["inductor_not_loaded"]
 
 
 def test_pipeline_module_builds_the_stage_bounds_it_is_given(probed):
@@ -86,6 +95,7 @@ def test_optimizer_internals_reach_the_master_weights(probed, layout):
     assert got["fp32_master"] == ({False} if layout.startswith("zero0") else {True})
     assert got["zero3"] == ({True} if layout == "zero3_bf16" else {False})
     assert got["steps"] == (7, 7 * 2)
+    assert got["memory_reports"] == 0  # BF16_Optimizer's forced see_memory_usage is off
 
 
 def test_a_missing_internal_names_the_deepspeed_version():
