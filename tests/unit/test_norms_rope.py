@@ -70,4 +70,5 @@ def test_rope_matches_the_fp32_formula_and_keeps_only_the_tables(dtype):
     x = torch.randn(2, 16, 3, 8).to(dtype).transpose(1, 2).requires_grad_()  # [b, heads, s, d] as q is
     _compare(lambda x: apply_rope(x, cos, sin), lambda x: _old_rope(x, cos, sin), [x], dtype)
     assert apply_rope(x, cos, sin).stride() == x.stride()
-    assert {s for s in _saved(apply_rope, x, cos, sin)} == {((16, 8), torch.float32)}
+    # the tables rounded to x's dtype (as HF Llama does): bf16 x with fp32 tables runs 6x slower kernels
+    assert {s for s in _saved(apply_rope, x, cos, sin)} == {((16, 8), dtype)}
