@@ -13,6 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# Ranks fork from one server that has imported torch, dynamo and DeepSpeed (rank_imports.py), not spawn afresh.
+mp.set_forkserver_preload(["tests.distributed.rank_imports"])
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -38,12 +41,13 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir:
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, fn: Callable, *args: Any) -> list[Any]:
-    """fn(rank, *args) on `world` spawned processes; returns every rank's result, rank order."""
+def run_ranks(world: int, fn: Callable, *args: Any, start_method: str = "forkserver") -> list[Any]:
+    """fn(rank, *args) on `world` processes forked from the preloaded server; returns every rank's result, rank order.
+    start_method="spawn": a fresh interpreter per rank, as torchrun starts them (what memory measurements need)."""
     with tempfile.TemporaryDirectory() as out_dir:
         try:
             mp.start_processes(_entry, args=(world, _free_port(), fn, args, out_dir), nprocs=world,
-                               start_method="spawn", join=True)
+                               start_method=start_method, join=True)
         except mp.ProcessRaisedException:
             pass  # the rank's own traceback is reported below
         results = []
