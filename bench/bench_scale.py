@@ -1,16 +1,18 @@
 """The scale proof: a 0.67B LLaMA-style model trained with ZeRO-3 on 4 CPU ranks, saved and resumed exactly,
 with the planner's per-rank memory against the measured high-water mark of every rank.
 
-    python bench/bench_scale.py [--model llama-0.7b] [--layers N] [--steps 3] [--work /tmp/bench_scale] [--keep]
+    python bench/bench_scale.py [--model llama-0.7b] [--layers N] [--steps 3] [--precision bf16|fp32]
+                                [--work /tmp/bench_scale] [--keep]
 
 Steps: prepare the Shakespeare texts with a 32k BPE (launcher.prepare); plan ZeRO-0/1/3 with
 launcher.plan at a quarter of this host's memory; try ZeRO-1 (the pre-flight memory check refuses it);
 train ZeRO-3 for --steps steps, saving at step --steps - 1; resume that checkpoint in a new run directory
-and compare the last step's loss. fp32 (bf16 matmuls are ~100x slower on this CPU), activation
-checkpointing, micro batch 1, seq 128, global batch 4, a 5e7-element reduce bucket (DeepSpeed's 5e8 is
-2 GB per rank in fp32). Needs ~17 GB of free memory: it refuses (and says so) when the host has less.
-Prints a markdown table for docs/plan.md. Far too slow for CI (minutes per step): the e2e tests run the
-same ZeRO-3 save/resume path on the tiny model.
+and compare the last step's loss. bf16 by default (--precision fp32 for a CPU without AMX: bf16 matmuls
+were ~100x slower on the machine this first ran on), activation checkpointing, micro batch 1, seq 128,
+global batch 4, a 5e7-element reduce bucket (DeepSpeed's 5e8 is 2 GB per rank in fp32). Needs ~17 GB of
+free memory: it refuses (and says so) when the host has less. Prints a markdown table for docs/plan.md.
+Far too slow for CI (minutes per step): the e2e tests run the same ZeRO-3 save/resume path on the tiny
+model.
 """
 
 from __future__ import annotations
@@ -51,8 +53,10 @@ def torchrun(*overrides: str) -> subprocess.CompletedProcess:
 
 
 def planned_total_gb(overrides: list[str], per_rank_gb: float) -> tuple[float, str]:
+    from megatrain.plan import CPU_OVERHEAD_GB
+
     result = run([sys.executable, "-m", "launcher.plan", *overrides, f"plan.num_gpus={RANKS}",
-                  f"plan.gpu_memory_gb={per_rank_gb:.3f}", "plan.overhead_gb=0.075"])
+                  f"plan.gpu_memory_gb={per_rank_gb:.3f}", f"plan.overhead_gb={CPU_OVERHEAD_GB}"])
     assert result.returncode in (0, 3), result.stderr  # 3: launcher.plan says it does not fit
     line = next(x for x in result.stdout.splitlines() if x.strip().startswith("total"))
     return float(re.search(r"total\s+([\d.]+) GB", line).group(1)), line.strip()
@@ -63,6 +67,7 @@ def main() -> None:
     parser.add_argument("--model", default="llama-0.7b")
     parser.add_argument("--layers", type=int, help="model.n_layers (default: the preset's)")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--work", default="/tmp/bench_scale")
     parser.add_argument("--keep", action="store_true", help="keep the run directories (~50 GB for 0.7B)")
     args = parser.parse_args()
@@ -78,7 +83,7 @@ def main() -> None:
                   f"prepare.output={data}", "tokenizer.vocab_size=32000", "logging.progress=false"])
     assert result.returncode == 0, result.stderr[-3000:]
 
-    common = [f"model={args.model}", "train.precision=fp32", "train.activation_checkpointing=full",
+    common = [f"model={args.model}", f"train.precision={args.precision}", "train.activation_checkpointing=full",
               "train.micro_batch_size=1", "train.seq_len=128", f"train.global_batch_size={RANKS}",
               f"data.path={data}", "model.vocab_size=32000"]
     common += [f"model.n_layers={args.layers}"] if args.layers else []
@@ -87,6 +92,7 @@ def main() -> None:
     plans = {}
     for zero, bucket in ((0, None), (1, None), (1, 50_000_000), (3, None), (3, 50_000_000)):
         keys = [*common, f"parallel.zero_stage={zero}"] + ([f"parallel.reduce_bucket_size={bucket}"] if bucket else [])
+        keys += ["train.grad_reduce_dtype=bf16"] if zero == 0 and args.precision == "bf16" else []  # DeepSpeed's rule
         plans[zero, bucket] = planned_total_gb(keys, quarter)
         print(f"  ZeRO-{zero} bucket {bucket or 'DeepSpeed 5e8'}: {plans[zero, bucket][1]}")
 
@@ -95,7 +101,10 @@ def main() -> None:
     print(f"\nZeRO-1 attempt (MemAvailable {meminfo('MemAvailable') / 1e9:.2f} GB):")
     refused = torchrun(*train, "parallel.zero_stage=1", f"run.dir={work / 'zero1'}")
     message = next((line for line in refused.stderr.splitlines() if "train.memory_check" in line), None)
-    print(f"  exit {refused.returncode}: {message}")
+    # not refused: how it ended (torchrun's summary names a rank's exit code or the signal that killed it)
+    ended = [line.strip() for line in refused.stderr.splitlines()
+             if any(k in line for k in ("exitcode", "Signal", "rror"))]
+    print(f"  exit {refused.returncode}: {message or ' | '.join(ended[-4:])}")
 
     zero3 = [*train, "parallel.zero_stage=3", "parallel.reduce_bucket_size=50000000",
              f"train.save_interval={args.steps - 1}"]

@@ -112,7 +112,7 @@ def main() -> None:
     print(f"{total:,} parameters, {total * 4 / MIB:.0f} MiB in fp32; rank 0 per phase, MiB "
           "(peak: the phase's own RSS high-water mark)")
     for name, overrides in VARIANTS.items():
-        print(f"{name}:\n  " + "\n  ".join(run_ranks(2, phases, cfg, 3, overrides)[0]))
+        print(f"{name}:\n  " + "\n  ".join(run_ranks(2, phases, cfg, 3, overrides, start_method="spawn")[0]))
 
 
 if __name__ == "__main__":

@@ -49,8 +49,9 @@ BF16_OPTIMIZER_BUCKET = 500_000_000  # DeepSpeed engine.py MEMORY_OPT_ALLREDUCE_
 # below it the ring's K/V traffic outgrows the attention it hides behind (Megatron-Core's guidance: CP for 8k+).
 MIN_CP_TOKENS = 4096
 # A CPU rank's overhead (plan.overhead_gb on a CPU: no CUDA context): a DeepSpeed engine of a 1-block,
-# 16-wide model grows the peak RSS by 72 MiB per rank here (engine build 48, first forward/backward 22).
-CPU_OVERHEAD_GB = 0.075
+# 16-wide model grows the peak RSS by 28.5-29.8 MiB per rank over 2 steps here (ZeRO-1 and 3, bf16; 72 MiB
+# before DeepSpeed's Muon stopped loading inductor during the engine build).
+CPU_OVERHEAD_GB = 0.031
 
 
 @dataclass(frozen=True)
@@ -264,9 +265,29 @@ def comm_buffer_bytes(cfg: Config, params: int, block_params: int, zero: int) ->
     # sized here by the gradients that fill them. ZeRO-1/2 with overlap_comm keep two (one filling while
     # the other is reduced; DeepSpeed 0.19 stage_1_and_2.py).
     bucket = min(params, reduce_bucket_elements(cfg)) * width * (2 if zero in (1, 2) else 1)
-    if zero == 3:  # the block being computed and the one prefetched, in the training precision
-        bucket += 2 * block_params * (2 if cfg.train.precision == "bf16" else 4)
+    if zero == 3:
+        return bucket + zero3_gathered_bytes(cfg, block_params, bucket)
     return bucket
+
+
+def zero3_gathered_bytes(cfg: Config, block_params: int, bucket: float) -> float:
+    """ZeRO-3's steady-state (step >= 2) transient beside the model states, the reduce bucket and the activations:
+    the larger of its two backward peaks (checked against runs at d 1024 and 0.19B, docs/plan.md; DeepSpeed 0.19's
+    partitioned_param_coordinator.py and stage3.py under engine/deepspeed_config.py's settings)."""
+    a = 2 if cfg.train.precision == "bf16" else 4  # gathered parameters and their .grad: the training precision
+    table = cfg.model.vocab_size * cfg.model.d_model / cfg.parallel.tp * a
+    # A block's backward: the block computing and the next one prefetched (stage3_max_live_parameters = 2 blocks),
+    # plus one vocab x d table: from step 2 the coordinator has a trace and the table's gather is issued ahead,
+    # so its full buffer is allocated (in flight) through the blocks' backward (measured tied at d 1024 and 2048,
+    # 2026-12-03; untied, the head's projection the second table, only the total was checked: 1% under). And the
+    # bucket's reduce-scatter (reduce_scatter_coalesced) cats its gradients into one more flat buffer of its size.
+    # Measured, the step-2+ peak is in the last block's backward.
+    block_peak = 2 * block_params * a + table + bucket
+    # The embedding's backward (every step): the table gathered and its dense gradient, and tied, the sum of that
+    # and the head's gradient (the head's own is in the activations). Not measured as the peak: at d 1024 tied it
+    # is the larger term, and the plan is 5% under the measured peak (in the block's backward) with it, 9.5% without.
+    embed_peak = (3 if cfg.model.tie_embeddings else 2) * table
+    return max(block_peak, embed_peak)
 
 
 # ---------------------------------------------------------------- time
