@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -102,13 +103,33 @@ def wait_job(job: int, env: dict[str, str], log: Path, timeout: float = 240) -> 
     while (state := job_field(job, env, "JobState")) not in FINAL_STATES:
         if time.monotonic() > deadline:
             subprocess.run(["scancel", str(job)], env=env, timeout=30)
-            pytest.fail(f"job {job} still {state} after {timeout} s; log:\n{log_tail(log)}")
+            pytest.fail(f"job {job} still {state} after {timeout} s; log:\n{log_digest(log)}")
         time.sleep(0.5)
     return state
 
 
-def log_tail(log: Path) -> str:
-    return "\n".join(log.read_text().splitlines()[-40:]) if log.exists() else f"(no {log})"
+LIBRARY_FRAME = re.compile(r'^\s+File "(<frozen|.*site-packages/)')
+STEP_LINE = re.compile(r"\] step \d+ \|")
+
+
+def log_digest(log: Path) -> str:
+    """The whole job log (every restart, every node's first error), less what hides the cause: library
+    traceback frames and per-step lines. A tail showed only the last node's echo of another node's failure."""
+    if not log.exists():
+        return f"(no {log})"
+    kept, in_frame, steps = [], False, 0
+    for line in log.read_text().splitlines():
+        if LIBRARY_FRAME.match(line):
+            in_frame = True
+            continue
+        if in_frame and line.startswith("    "):
+            continue  # the frame's source line and its ^^^ markers
+        in_frame = False
+        if STEP_LINE.search(line):
+            steps += 1
+            continue
+        kept.append(line)
+    return "\n".join([f"{log} ({steps} step lines and library traceback frames left out):", *kept])
 
 
 @dataclass(frozen=True)
@@ -142,7 +163,7 @@ def jobs(slurm_env, data, tmp_path_factory) -> dict[str, Job]:
     job = submitted["signalled"]
     deadline = time.monotonic() + 180
     while not ((job.run_dir / "metrics.jsonl").exists() and len(metrics(job.run_dir)) >= 5):
-        assert time.monotonic() < deadline, log_tail(job.log)
+        assert time.monotonic() < deadline, log_digest(job.log)
         time.sleep(0.2)
     # What `#SBATCH --signal=B:USR1@300` does before the time limit: USR1 to the batch shell only.
     subprocess.run(["scancel", "--batch", "--signal=USR1", str(job.id)], env=slurm_env, timeout=30, check=True)
@@ -152,7 +173,7 @@ def jobs(slurm_env, data, tmp_path_factory) -> dict[str, Job]:
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_two_node_job_matches_torchrun(slurm_env, jobs, reference, template):
     job = jobs[template]
-    assert wait_job(job.id, slurm_env, job.log) == "COMPLETED", log_tail(job.log)
+    assert wait_job(job.id, slurm_env, job.log) == "COMPLETED", log_digest(job.log)
     assert job_field(job.id, slurm_env, "NodeList") == "n[1-2]"
     assert TEMPLATES[template] in job.log.read_text()
     rows = metrics(job.run_dir)
@@ -164,7 +185,7 @@ def test_two_node_job_matches_torchrun(slurm_env, jobs, reference, template):
 def test_signalled_job_checkpoints_requeues_and_resumes(slurm_env, jobs, reference):
     job = jobs["signalled"]
     job_id, log, run_dir = job.id, job.log, job.run_dir
-    assert wait_job(job_id, slurm_env, log) == "COMPLETED", log_tail(log)
+    assert wait_job(job_id, slurm_env, log) == "COMPLETED", log_digest(log)
 
     text = log.read_text()
     assert "USR1: checkpoint, then requeue" in text and f"requeueing job {job_id}" in text, text
