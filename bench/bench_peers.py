@@ -1,11 +1,13 @@
-"""Training throughput vs peers on one workload: megatrain, a plain PyTorch loop, HF Trainer + DeepSpeed ZeRO-3.
+"""Training throughput vs peers on one workload: megatrain, plain PyTorch loops, plain DeepSpeed ZeRO-3 and
+HF Trainer + DeepSpeed ZeRO-3.
 
-    python bench/bench_peers.py [--repeats 3] [--steps 25] [--warmup 5] [--only plain,hf,mt1,mt2]
+    python bench/bench_peers.py [--repeats 3] [--steps 25] [--warmup 5] [--only plain,plain16,mt1,ds3,hf,mt2,mt2z3]
 
 Workload: LLaMA-style 8 layers x 512 hidden (8 heads, SwiGLU 1408), vocab 8192, seq 512, bf16,
 AdamW, global batch 8 sequences. Runs alternate (plain, hf, mt1, mt2, plain, ...); each reports
 tokens/s over the steps after warm-up, the time from launch to the end of the first step, and
-the peak RSS per rank. Prints a markdown table (medians) for docs/benchmarks.md.
+the peak RSS per rank. MFU is against the bf16 matmul peak measured at the start of the same run (4096^3,
+2 threads, best of 5). Prints a markdown table (medians) for docs/benchmarks.md.
 megatrain reads data/bench8k (`python -m launcher.prepare ... prepare.output=data/bench8k`); the
 peers train on random token ids of the same shape (throughput does not depend on the values).
 """
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 
 SHAPE = dict(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, ffn_hidden=1408, max_seq_len=512)
-SEQ, GLOBAL_BATCH, PEAK_FLOPS = 512, 8, 1.8e12  # the measured bf16 matmul peak of these 2 cores
+SEQ, GLOBAL_BATCH = 512, 8
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,17 +47,18 @@ def _report(times: list[float], first_s: float, tokens_per_step: int, warmup: in
           flush=True)
 
 
-def plain_worker(steps: int, warmup: int) -> None:
-    """One process, bf16 autocast, fused AdamW: the floor any framework should match."""
+def plain_worker(steps: int, warmup: int, pure_bf16: bool) -> None:
+    """One process, fused AdamW: bf16 autocast over fp32 weights, or (pure_bf16) bf16 weights and optimizer
+    states with no autocast, the fastest plain loop here. The floor any framework should match."""
     import torch
 
-    model = _llama()
+    model = _llama().to(torch.bfloat16) if pure_bf16 else _llama()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     ids = torch.randint(0, SHAPE["vocab_size"], (GLOBAL_BATCH, SEQ))
     times, first = [], 0.0
     for step in range(steps):
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not pure_bf16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -65,6 +68,47 @@ def plain_worker(steps: int, warmup: int) -> None:
         if step == 0:
             first = time.time() - float(os.environ["BENCH_T0"])
     _report(times, first, GLOBAL_BATCH * SEQ, warmup)
+
+
+def ds3_worker(steps: int, warmup: int) -> None:
+    """A plain `deepspeed.initialize` ZeRO-3 loop (bf16, torch AdamW), one rank per process under torchrun."""
+    import deepspeed
+    import torch
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # a 40 s compile training never uses
+    deepspeed.init_distributed(dist_backend="gloo")
+    world = int(os.environ["WORLD_SIZE"])
+    config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 3}, "bf16": {"enabled": True}, "gradient_clipping": 1.0,
+              "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "torch_adam": True, "fused": True}}}
+    model = _llama()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    ids = torch.randint(0, SHAPE["vocab_size"], (GLOBAL_BATCH // world, SEQ))
+    times, first = [], 0.0
+    for step in range(steps):
+        start = time.perf_counter()
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+        times.append(time.perf_counter() - start)
+        if step == 0:
+            first = time.time() - float(os.environ["BENCH_T0"])
+    if int(os.environ["RANK"]) == 0:
+        _report(times, first, GLOBAL_BATCH * SEQ, warmup)
+
+
+def bf16_matmul_peak() -> float:
+    """FLOP/s of a 4096^3 bf16 matmul on 2 threads, best of 5: this machine's peak, measured in this run."""
+    import torch
+
+    torch.set_num_threads(2)
+    a, b = torch.randn(4096, 4096, dtype=torch.bfloat16), torch.randn(4096, 4096, dtype=torch.bfloat16)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 4096**3 / best
 
 
 def hf_worker(steps: int, warmup: int) -> None:
@@ -123,21 +167,21 @@ def _worker_run(cmd: list[str], threads: int) -> dict:
     return json.loads(lines[-1][6:])
 
 
-def megatrain_cmd(world: int, steps: int, run_dir: str, extra: list[str]) -> list[str]:
+def megatrain_cmd(world: int, steps: int, run_dir: str, zero: int, extra: list[str]) -> list[str]:
     launch = ([sys.executable, "-m", "launcher.train"] if world == 1 else
               ["torchrun", "--standalone", f"--nproc_per_node={world}", "-m", "launcher.train"])
     model = [f"model.{k}={v}" for k, v in SHAPE.items()]
     return [*launch, "model=small", "model.name=bench", "model.n_kv_heads=8", *model, "data.path=data/bench8k",
             f"train.seq_len={SEQ}", f"train.micro_batch_size={GLOBAL_BATCH // world}",
             f"train.global_batch_size={GLOBAL_BATCH}", f"train.steps={steps}", "train.precision=bf16",
-            "train.eval_interval=0", "train.save_interval=0", "train.resume=none", "parallel.zero_stage=1",
+            "train.eval_interval=0", "train.save_interval=0", "train.resume=none", f"parallel.zero_stage={zero}",
             "logging.wandb_mode=disabled", "logging.progress=false", f"run.dir={run_dir}", *extra]
 
 
-def megatrain_run(world: int, steps: int, warmup: int, extra: list[str]) -> dict:
+def megatrain_run(world: int, steps: int, warmup: int, extra: list[str], zero: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         t0 = time.time()
-        proc = subprocess.Popen(megatrain_cmd(world, steps, run_dir, extra), cwd=ROOT, env=_env(2 // world),
+        proc = subprocess.Popen(megatrain_cmd(world, steps, run_dir, zero, extra), cwd=ROOT, env=_env(2 // world),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         metrics, first = Path(run_dir) / "metrics.jsonl", None
         while proc.poll() is None:
@@ -157,22 +201,29 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--only", default="plain,hf,mt1,mt2")
+    ap.add_argument("--only", default="plain,plain16,mt1,ds3,hf,mt2,mt2z3")
     ap.add_argument("--megatrain", default="", help="extra overrides for megatrain, e.g. train.compile=true")
-    ap.add_argument("--worker", choices=["plain", "hf"])
+    ap.add_argument("--worker", choices=["plain", "plain16", "ds3", "hf"])
     a = ap.parse_args()
-    if a.worker == "plain":
-        return plain_worker(a.steps, a.warmup)
+    if a.worker in ("plain", "plain16"):
+        return plain_worker(a.steps, a.warmup, pure_bf16=a.worker == "plain16")
+    if a.worker == "ds3":
+        return ds3_worker(a.steps, a.warmup)
     if a.worker == "hf":
         return hf_worker(a.steps, a.warmup)
     me = [sys.executable, __file__, f"--steps={a.steps}", f"--warmup={a.warmup}"]
+    ranks2 = ["torchrun", "--standalone", "--nproc_per_node=2", __file__, f"--steps={a.steps}", f"--warmup={a.warmup}"]
     runs = {
         "plain": lambda: _worker_run([*me, "--worker=plain"], 2),
-        "hf": lambda: _worker_run(["torchrun", "--standalone", "--nproc_per_node=2", __file__,
-                                   f"--steps={a.steps}", f"--warmup={a.warmup}", "--worker=hf"], 1),
+        "plain16": lambda: _worker_run([*me, "--worker=plain16"], 2),
+        "ds3": lambda: _worker_run([*ranks2, "--worker=ds3"], 1),
+        "hf": lambda: _worker_run([*ranks2, "--worker=hf"], 1),
         "mt1": lambda: megatrain_run(1, a.steps, a.warmup, a.megatrain.split()),
         "mt2": lambda: megatrain_run(2, a.steps, a.warmup, a.megatrain.split()),
+        "mt2z3": lambda: megatrain_run(2, a.steps, a.warmup, a.megatrain.split(), zero=3),
     }
+    peak = bf16_matmul_peak()
+    print(f"bf16 matmul peak, 2 threads: {peak / 1e12:.2f} TFLOP/s", file=sys.stderr, flush=True)
     names = a.only.split(",")
     results: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(a.repeats):
@@ -185,14 +236,16 @@ def main() -> None:
 
     flops = training_flops_per_token(ModelConfig(**SHAPE, n_kv_heads=8), SEQ)
     med = {n: {k: statistics.median(x[k] for x in results[n]) for k in results[n][0]} for n in names}
-    print("| run | tokens/s (median) | runs | MFU vs 1.8 TFLOP/s | first step (s) | peak RSS/rank (GB) | load |")
+    print(f"bf16 matmul peak measured in this run: {peak / 1e12:.2f} TFLOP/s (4096^3, 2 threads)\n")
+    print(f"| run | tokens/s (median) | runs | MFU vs {peak / 1e12:.2f} TFLOP/s | first step (s) | peak RSS/rank (GB) "
+          "| load |")
     print("|---|---|---|---|---|---|---|")
     for n in names:
         m = med[n]
         runs_s = ", ".join(f"{x['tokens_per_s']:,.0f}" for x in results[n])
-        print(f"| {n} | {m['tokens_per_s']:,.0f} | {runs_s} | {m['tokens_per_s'] * flops / PEAK_FLOPS:.1%} | "
+        print(f"| {n} | {m['tokens_per_s']:,.0f} | {runs_s} | {m['tokens_per_s'] * flops / peak:.1%} | "
               f"{m['first_step_s']:.1f} | {m['peak_rss_gb']:.2f} | {m['load']:.1f} |")
-    for a_, b_ in (("mt1", "plain"), ("mt2", "hf")):
+    for a_, b_ in (("mt1", "plain"), ("mt1", "plain16"), ("mt2z3", "ds3"), ("mt2z3", "hf"), ("mt2", "hf")):
         if a_ in med and b_ in med:
             print(f"\n{a_} / {b_}: {med[a_]['tokens_per_s'] / med[b_]['tokens_per_s']:.2f}x")
 
