@@ -94,6 +94,9 @@ def ds3_worker(steps: int, warmup: int) -> None:
             first = time.time() - float(os.environ["BENCH_T0"])
     if int(os.environ["RANK"]) == 0:
         _report(times, first, GLOBAL_BATCH * SEQ, warmup)
+    # Not at interpreter exit, where gloo's threads can abort a rank ("terminate called without an active exception")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def bf16_matmul_peak() -> float:
@@ -152,6 +155,8 @@ def hf_worker(steps: int, warmup: int) -> None:
     Trainer(model=_llama(), args=args, train_dataset=Ids(), callbacks=[clock]).train()
     if int(os.environ["RANK"]) == 0:
         _report(clock.times, clock.first, GLOBAL_BATCH * SEQ, warmup)
+    torch.distributed.barrier()  # as ds3_worker
+    torch.distributed.destroy_process_group()
 
 
 def _env(threads: int) -> dict[str, str]:
