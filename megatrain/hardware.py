@@ -68,3 +68,19 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     except OSError:
         return False
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+# Host allocators that keep freed memory for reuse, by the shared library a process has mapped.
+CACHING_ALLOCATORS = {"tcmalloc": r"libtcmalloc", "jemalloc": r"libjemalloc"}
+
+
+def host_allocator(maps: str = "/proc/self/maps") -> str:
+    """tcmalloc | jemalloc when one is loaded (LD_PRELOAD), else glibc (Linux) or unknown (no /proc).
+
+    Why it matters on a CPU run: glibc's malloc hands large freed tensors back to the OS and takes them again
+    as page faults, every step (docs/benchmarks.md, "The host allocator")."""
+    try:
+        text = Path(maps).read_text()
+    except OSError:
+        return "unknown"
+    return next((name for name, lib in CACHING_ALLOCATORS.items() if re.search(lib, text)), "glibc")

@@ -35,6 +35,7 @@ from megatrain.engine.run_dir import (
 )
 from megatrain.engine.schedule import on_resume
 from megatrain.engine.step import eval_loss, train_step
+from megatrain.hardware import host_allocator
 from megatrain.model.attention import check_attention
 from megatrain.model.moe import load_metrics
 from megatrain.observe.logger import MetricsLogger, setup_console_logging
@@ -187,7 +188,10 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
              layout.zero_stage, "on" if layout.sequence_parallel else "off", layout.global_batch_size,
              layout.micro_batch_size, layout.grad_accum, layout.dp,
              f"peak {peak / 1e12:.1f} TFLOP/s/device ({peak_source})" if peak else f"MFU omitted ({peak_source})")
-
+    if device.type == "cpu" and env.rank == 0 and host_allocator() == "glibc":
+        log.info("CPU run on glibc's malloc, which returns freed tensors to the OS and takes them back as page "
+                 "faults every step: a caching allocator (LD_PRELOAD=libtcmalloc_minimal.so.4, Debian package "
+                 "libtcmalloc-minimal4) ran bench_peers' step 1.4x faster (docs/benchmarks.md)")
 
     metrics = MetricsLogger(run_dir, enabled=env.rank == 0, total_steps=cfg.train.steps, start_step=step,
                             wandb_mode=cfg.logging.wandb_mode, wandb_project=cfg.logging.wandb_project,

@@ -138,7 +138,7 @@ def test_planned_memory_matches_what_the_run_holds(name):
     planned, measured = _plan_and_run(name, make_config(vars(MODEL), parallel=sections["parallel"], train=train), 2)
     assert planned.memory.model_states == pytest.approx(measured["model_states"], rel=0.10)
     if name not in TOTAL_NOT_PINNED:
-        assert planned.memory.total == pytest.approx(measured["rss_growth"], rel=0.25)
+        assert planned.memory.total == pytest.approx(measured["rss_growth"], rel=0.20)
 
 
 
