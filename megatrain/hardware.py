@@ -71,7 +71,7 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 # Host allocators that keep freed memory for reuse, by the shared library a process has mapped.
-CACHING_ALLOCATORS = {"tcmalloc": r"libtcmalloc", "jemalloc": r"libjemalloc"}
+CACHING_ALLOCATORS = {"tcmalloc": "libtcmalloc", "jemalloc": "libjemalloc"}
 
 
 def host_allocator(maps: str = "/proc/self/maps") -> str:
@@ -83,4 +83,4 @@ def host_allocator(maps: str = "/proc/self/maps") -> str:
         text = Path(maps).read_text()
     except OSError:
         return "unknown"
-    return next((name for name, lib in CACHING_ALLOCATORS.items() if re.search(lib, text)), "glibc")
+    return next((name for name, lib in CACHING_ALLOCATORS.items() if lib in text), "glibc")

@@ -169,6 +169,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
         step, tokens = state["step"], state["tokens"]
         log.info("resumed from %s at step %d (%d tokens)", resume_from, step, tokens)
     elif cfg.train.init_from:
+        # checked before the process group unless a resume point was expected and every checkpoint was damaged
         checkpointer.init_from(engine, init_weights or hf_weights(cfg.train.init_from, cfg.model))
     if env.rank == 0 and step != start.step:  # a damaged newest checkpoint: it resumed from an older one
         reset_metrics(run_dir, step)
