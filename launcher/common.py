@@ -7,11 +7,13 @@ allowed, before any process group), 3 for a plan that does not fit, 65 for a run
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import difflib
 import functools
 import os
 import sys
+import threading
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +40,34 @@ def fail(message: str, code: int = EXIT_CONFIG_ERROR, every_rank: bool = False) 
     if every_rank or is_rank_zero():
         print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def exit_without_teardown(main: Callable[[], None]) -> NoReturn:
+    """Run a launcher's main, then end the process without the interpreter's teardown.
+
+    A finished gloo rank can abort there, even with its group destroyed: a gloo worker thread frees a finished
+    collective whose tensors need the GIL, the finalizing interpreter ends that thread instead, and the unwind
+    through a C++ destructor is std::terminate ("terminate called without an active exception", SIGABRT), after
+    the checkpoint and summary were written. The exit code would say a good run failed, and torchrun would kill
+    its peers. What a normal exit does for Python still runs: other threads are joined, atexit handlers (W&B,
+    logging, the run-dir lock) run, output is flushed; only the destruction of modules and objects is skipped.
+    """
+    code = 0
+    try:
+        main()
+    except SystemExit as stop:  # sys.exit(n), or sys.exit(message): printed, exit 1, as Python does
+        if isinstance(stop.code, int):
+            code = stop.code
+        elif stop.code is not None:
+            print(stop.code, file=sys.stderr)
+            code = 1
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def hydra_main(task: Callable) -> Callable[[], None]:

@@ -4,7 +4,7 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.common import EXIT_DISK_FULL, fail, hydra_main
+from launcher.common import EXIT_DISK_FULL, exit_without_teardown, fail, hydra_main
 from megatrain.config import to_config, validate
 from megatrain.engine.dist_env import resolve_dist_env
 
@@ -29,4 +29,4 @@ def _train(cfg: DictConfig) -> None:
 main = hydra_main(_train)
 
 if __name__ == "__main__":
-    main()
+    exit_without_teardown(main)

@@ -311,8 +311,8 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
     metrics.close()
     dist.barrier()
     release_run_dir(lock)
-    # Tear the process group down here, not at interpreter exit, where gloo's threads can abort the
-    # process ("terminate called without an active exception", exit -6 after a finished run).
+    # Not enough on its own: gloo's threads can still abort a finished rank in the interpreter's teardown,
+    # which launcher.train skips (launcher.common.exit_without_teardown).
     dist.destroy_process_group()
     return exit_code
 

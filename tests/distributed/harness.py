@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -34,11 +35,15 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir:
         torch.save({"error": traceback.format_exc()}, os.path.join(out_dir, f"{rank}.pt"))
         raise
     torch.save({"result": result}, os.path.join(out_dir, f"{rank}.pt"))
-    if dist.is_initialized():
-        # Tear the group down with every rank done, not at interpreter exit, where gloo's threads can
-        # abort a rank whose peer already left ("terminate called without an active exception", SIGABRT).
+    if dist.is_initialized():  # with every rank done, so that no peer has left while a collective is open
         dist.barrier()
         dist.destroy_process_group()
+    # A finished rank can still abort in the interpreter's teardown ("terminate called without an active
+    # exception", SIGABRT), as launcher.common.exit_without_teardown explains: a spawned rank skips it (forked
+    # ones already do).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(world: int, fn: Callable, *args: Any, start_method: str = "forkserver") -> list[Any]:
