@@ -51,8 +51,10 @@ def return_freed_memory_on_cpu() -> bool:
     glibc raises its mmap threshold (up to 32 MiB) whenever such a block is freed, so ZeRO-3's parameters,
     gathered and freed at every forward, then stay in the heap and the RSS grows step after step (tiny
     model, fp32 ZeRO-3, 2 ranks: 306 / 340 MiB after 2 / 4 steps by default, 260 / 264 MiB with this).
-    Returns whether it applied (False off glibc).
-    """
+    The price is speed: every step faults its large tensors in again (bench_peers' one-process run: 861-986
+    tokens/s with it, 1,126-1,146 without, at 1.64 against 2.03 GB peak RSS; docs/benchmarks.md). A preloaded
+    caching allocator (tcmalloc) does not see the setting: 1.4x the speed at +8% peak RSS. Returns whether it
+    applied (False off glibc)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

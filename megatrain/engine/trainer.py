@@ -190,9 +190,10 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
              layout.micro_batch_size, layout.grad_accum, layout.dp,
              f"peak {peak / 1e12:.1f} TFLOP/s/device ({peak_source})" if peak else f"MFU omitted ({peak_source})")
     if device.type == "cpu" and env.rank == 0 and host_allocator() == "glibc":
-        log.info("CPU run on glibc's malloc, which returns freed tensors to the OS and takes them back as page "
-                 "faults every step: a caching allocator (LD_PRELOAD=libtcmalloc_minimal.so.4, Debian package "
-                 "libtcmalloc-minimal4) ran bench_peers' step 1.4x faster (docs/benchmarks.md)")
+        log.info("CPU run on glibc's malloc, its mmap threshold set to 1 MiB so that freed tensors go back to the "
+                 "OS and the RSS stays flat: they come back as page faults every step. A caching allocator "
+                 "(LD_PRELOAD=libtcmalloc_minimal.so.4, Debian package libtcmalloc-minimal4) ran bench_peers' step "
+                 "1.4x faster at +8% peak RSS (docs/benchmarks.md)")
 
     metrics = MetricsLogger(run_dir, enabled=env.rank == 0, total_steps=cfg.train.steps, start_step=step,
                             wandb_mode=cfg.logging.wandb_mode, wandb_project=cfg.logging.wandb_project,
