@@ -13,6 +13,8 @@ rank's E / ep of them, d = DP / ep, the expert-DP group ZeRO partitions them ove
           ZeRO-1 with gradient accumulation keeps every full .grad between micro-batches (width x P).
     fp32: weights 4P (ZeRO-3: /d), grads 4P (/d as above), DeepSpeed's ZeRO optimizers keep
           a separate fp32 master copy 4P/d; Adam m, v 8P/d. ZeRO-0 is plain AdamW: 4+4+8.
+peak: model states and buffers plus activations, less what exists only once backward has freed them
+    (Memory.after_backward), or everything but the activations after backward, whichever is larger.
 activations: what autograd saves per token per layer in megatrain's blocks (fp32 norms,
     SDPA with flash-style saving, so no seq x seq scores), the layout of Korthikanti et al. 2022.
     Under context parallelism (parallel.cp) each rank holds seq/cp tokens of every sample, and ZeRO
@@ -49,9 +51,9 @@ BF16_OPTIMIZER_BUCKET = 500_000_000  # DeepSpeed engine.py MEMORY_OPT_ALLREDUCE_
 # below it the ring's K/V traffic outgrows the attention it hides behind (Megatron-Core's guidance: CP for 8k+).
 MIN_CP_TOKENS = 4096
 # A CPU rank's overhead (plan.overhead_gb on a CPU: no CUDA context): a DeepSpeed engine of a 1-block,
-# 16-wide model grows the peak RSS by 28.5-29.8 MiB per rank over 2 steps here (ZeRO-1 and 3, bf16; 72 MiB
-# before DeepSpeed's Muon stopped loading inductor during the engine build).
-CPU_OVERHEAD_GB = 0.031
+# 16-wide model grows the peak RSS by 26.5-26.9 MiB per rank over 2 steps here (ZeRO-1 and 3, bf16, 2026-12-04;
+# 28.5-29.8 MiB with glibc's mmap threshold at 1 MiB, 72 MiB before DeepSpeed's Muon stopped loading inductor).
+CPU_OVERHEAD_GB = 0.028
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ class Memory:
     activations: float
     comm_buffers: float
     overhead: float
+    # Of gradients and comm_buffers, the bytes that exist only once backward has freed the activations
+    # (DeepSpeed's BF16_Optimizer: bf16 .grads filled as activations go, then its flat all-reduce buffers).
+    after_backward: float = 0.0
 
     @property
     def model_states(self) -> float:
@@ -71,7 +76,9 @@ class Memory:
 
     @property
     def total(self) -> float:
-        return self.model_states + self.activations + self.comm_buffers + self.overhead
+        """The peak: in backward (activations held) or after it (every gradient and buffer), plus the overhead."""
+        buffers = self.model_states + self.comm_buffers
+        return max(buffers + self.activations - self.after_backward, buffers) + self.overhead
 
 
 @dataclass(frozen=True)
@@ -220,7 +227,7 @@ def activation_bytes(cfg: Config, micro_batch: int, grad_accum: int, checkpointi
     else:
         kept = layers * in_flight * layer + moe_layers * in_flight * dispatch
     # the last stage: the fused head + loss (under PP its loss runs in DeepSpeed's loss_fn, on whole logits)
-    head = sum(head_activation_bytes(model, tp, sp, train.precision, tokens, whole_logits=par.pp > 1)) \
+    head = sum(head_activation_bytes(model, tp, sp, train.precision, tokens, par.pp > 1, grad_accum)) \
         if stage == par.pp - 1 else 0.0
     return tokens * kept + head
 
@@ -236,7 +243,7 @@ def moe_dispatch_bytes(model: ModelConfig, a: int) -> float:
 
 
 def head_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str, tokens: int,
-                          whole_logits: bool = False) -> tuple[float, float]:
+                          whole_logits: bool = False, grad_accum: int = 1) -> tuple[float, float]:
     """(kept for backward, transient at the loss) bytes of the final norm and the fused LM head + loss
     for `tokens` tokens of a micro batch (parallel/cross_entropy.py: gradients made in forward)."""
     a = 2 if precision == "bf16" else 4
@@ -246,10 +253,31 @@ def head_activation_bytes(model: ModelConfig, tp: int, sp: bool, precision: str,
     if whole_logits:
         # PP's loss_fn on the last stage: DeepSpeed keeps the logits (a bytes) to backward, the loss their fp32 copy
         # (the softmax), and at backward the gradient is cast from it (bf16: 2 more bytes; fp32: the copy itself).
-        return kept, tokens * (a + 4 + (2 if a == 2 else 0)) * vocab
+        # With accumulation a second micro-batch's logits are live at that peak too (tracked tensor lifetimes,
+        # 2026-12-04: two bf16 logits buffers at accumulation 2, one at 1; which reference holds it not traced).
+        logits = a * (2 if grad_accum > 1 else 1)
+        return kept, tokens * (logits + 4 + (2 if a == 2 else 0)) * vocab
     # One chunk's logits at a time: in fp32 (and their bf16 matmul output or gradient beside them).
     chunk = min(tokens, model.loss_chunk_tokens or tokens)
     return kept, chunk * (4 + (2 if a == 2 else 0)) * vocab
+
+
+def uses_bf16_optimizer(cfg: Config, zero: int) -> bool:
+    """ZeRO-1 with bf16 weights and fp32 gradient reduction: DeepSpeed swaps in its BF16_Optimizer."""
+    return zero == 1 and cfg.train.precision == "bf16" and grad_reduce_dtype(cfg) == "fp32"
+
+
+def after_backward_bytes(cfg: Config, params: int, layout: Layout) -> float:
+    """Bytes of the gradients and buffers that never sit beside the activations (Memory.after_backward).
+
+    BF16_Optimizer keeps the fp32 gradients all along, but the bf16 .grads fill as backward frees the activations
+    and it all-reduces after backward, in flat buffers (DeepSpeed 0.19 bf16_optimizer.py, engine.py). Measured with
+    every tensor's lifetime tracked (2 gloo ranks, 2026-12-04): at the peak, in backward, neither is held.
+    With accumulation the bf16 .grads of the micro-batches before are held through the next backward."""
+    if not uses_bf16_optimizer(cfg, layout.zero_stage):
+        return 0.0
+    lp_grads = 2 * params if layout.grad_accum == 1 else 0
+    return lp_grads + comm_buffer_bytes(cfg, params, 0, layout.zero_stage)
 
 
 def comm_buffer_bytes(cfg: Config, params: int, block_params: int, zero: int) -> float:
@@ -257,7 +285,7 @@ def comm_buffer_bytes(cfg: Config, params: int, block_params: int, zero: int) ->
     width = 4 if grad_reduce_dtype(cfg) == "fp32" else 2
     if zero == 0:
         return 0.0
-    if zero == 1 and cfg.train.precision == "bf16" and width == 4:
+    if uses_bf16_optimizer(cfg, zero):
         # BF16_Optimizer: the engine all-reduces the fp32 gradients after backward in flat buffers of its
         # own MEMORY_OPT_ALLREDUCE_SIZE (5e8 elements, DeepSpeed 0.19 engine.py), whatever reduce_bucket_size says.
         return min(params, BF16_OPTIMIZER_BUCKET) * width
@@ -371,7 +399,7 @@ def _exposed_dp_time(cfg: Config, layout: Layout, params: int, act_bytes: int, c
     stage = layout.zero_stage
     if stage == 0:
         return 2 * grad_bytes / bandwidth
-    if stage == 1 and cfg.train.precision == "bf16" and grad_width == 4:  # BF16_Optimizer
+    if uses_bf16_optimizer(cfg, stage):
         return (2 * grad_bytes + gather_bytes) / bandwidth
     if stage == 3:
         return max(last_bucket, grad_bytes * accum + 2 * gather_bytes * accum - compute * bandwidth) / bandwidth
@@ -420,7 +448,8 @@ def plan(cfg: Config, world_size: int | None = None) -> Plan:
                       activations=activation_bytes(cfg, layout.micro_batch_size, layout.grad_accum,
                                                    train.activation_checkpointing, stage),
                       comm_buffers=comm_buffer_bytes(cfg, per_stage[stage], block, layout.zero_stage),
-                      overhead=cfg.plan.overhead_gb * GB)
+                      overhead=cfg.plan.overhead_gb * GB,
+                      after_backward=after_backward_bytes(cfg, per_stage[stage], layout))
 
     # The first stage holds the embedding and the most micro batches, the last the head and the loss.
     stages = (stage_memory(0), stage_memory(layout.pp - 1))
@@ -510,6 +539,8 @@ def describe(p: Plan, cfg: Config) -> str:
         f"  activations      {_gb(mem.activations)}",
         f"  comm buffers     {_gb(mem.comm_buffers)}",
         f"  overhead         {_gb(mem.overhead)}",
+        *([f"  after backward   {_gb(mem.after_backward)} of the gradients and buffers, never beside the "
+           "activations"] if mem.after_backward else []),
         f"  total            {_gb(mem.total)} of {cfg.plan.gpu_memory_gb:g} GB: "
         + ("fits" if p.fits else "DOES NOT FIT"),
         *([f"context parallel ({p.layout.cp_mode}) traffic per rank and step "

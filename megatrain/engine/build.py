@@ -43,23 +43,25 @@ def resolve_precision(device: torch.device) -> str:
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 128 << 10  # glibc's own starting value, held there
 
 
 def return_freed_memory_on_cpu() -> bool:
-    """glibc: serve allocations of 1 MiB or more with mmap, so a freed tensor goes back to the OS at once.
+    """glibc: serve allocations of 128 KiB or more with mmap, so a freed tensor goes back to the OS at once.
 
-    glibc raises its mmap threshold (up to 32 MiB) whenever such a block is freed, so ZeRO-3's parameters,
-    gathered and freed at every forward, then stay in the heap and the RSS grows step after step (tiny
-    model, fp32 ZeRO-3, 2 ranks: 306 / 340 MiB after 2 / 4 steps by default, 260 / 264 MiB with this).
-    The price is speed: every step faults its large tensors in again (bench_peers' one-process run: 861-986
-    tokens/s with it, 1,126-1,146 without, at 1.64 against 2.03 GB peak RSS; docs/benchmarks.md). A preloaded
-    caching allocator (tcmalloc) does not see the setting: 1.4x the speed at +8% peak RSS. Returns whether it
-    applied (False off glibc)."""
+    glibc raises its mmap threshold (from 128 KiB up to 32 MiB) whenever such a block is freed, so tensors
+    freed at every step (ZeRO-3's gathered parameters, activations) then stay in the heap, and the RSS grows
+    with the holes between them instead of the bytes the run holds (tiny fp32 ZeRO-3 model, 2 ranks: 306 /
+    340 MiB after 2 / 4 steps by default, 260 / 264 MiB held at 1 MiB). Held at 1 MiB, the 128 KiB-1 MiB
+    activations of small models still fragmented: peak RSS 15-30 MiB above the tensors alive at the peak
+    (tests/distributed/test_plan_matches_run.py), within 1-4 MiB at 128 KiB. The price is speed: every step
+    faults its tensors in again (docs/benchmarks.md, "The host allocator"). A preloaded caching allocator
+    (tcmalloc) does not see the setting. Returns whether it applied (False off glibc)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 20))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def init_distributed(device: torch.device) -> None:

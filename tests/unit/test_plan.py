@@ -217,7 +217,10 @@ def test_pipeline_memory_is_planned_for_the_first_and_the_last_stage():
     assert p.stage_blocks == (5, 5, 5, 1)  # the head's FLOPs weigh one stage's worth of blocks
     layer = layer_activation_bytes(cfg.model, 1, False, "bf16", "none")
     assert first.activations == pytest.approx(4096 * 5 * 4 * layer)  # 1F1B: 4 micro batches in flight
-    head = sum(head_activation_bytes(cfg.model, 1, False, "bf16", 4096, whole_logits=True))
+    head = sum(head_activation_bytes(cfg.model, 1, False, "bf16", 4096, whole_logits=True, grad_accum=8))
     assert last.activations == pytest.approx(4096 * layer + head)  # one in flight, with the head and loss
+    # with accumulation, two micro-batches' bf16 logits (tracked tensor lifetimes, test_plan_matches_run)
+    one = sum(head_activation_bytes(cfg.model, 1, False, "bf16", 4096, whole_logits=True))
+    assert head - one == 2 * 4096 * cfg.model.vocab_size
     assert first.weights / last.weights == pytest.approx(p.stage_params[0] / p.stage_params[-1])
     assert p.memory == max(first, last, key=lambda m: m.total)
