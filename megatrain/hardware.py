@@ -77,7 +77,7 @@ CACHING_ALLOCATORS = {"tcmalloc": "libtcmalloc", "jemalloc": "libjemalloc"}
 def host_allocator(maps: str = "/proc/self/maps") -> str:
     """tcmalloc | jemalloc when one is loaded (LD_PRELOAD), else glibc (Linux) or unknown (no /proc).
 
-    Why it matters on a CPU run: with the 1 MiB mmap threshold a CPU run sets (engine/build.py), glibc's malloc
+    Why it matters on a CPU run: with the 128 KiB mmap threshold a CPU run holds (engine/build.py), glibc's malloc
     hands large freed tensors back to the OS and takes them again as page faults, every step (docs/benchmarks.md,
     "The host allocator")."""
     try:

@@ -93,7 +93,9 @@ def shortfall(cfg: Config, world_size: int, device: torch.device, available: int
     return (f"train.memory_check: the planner puts the peak per rank at {mem.total / GB:.2f} GB (weights "
             f"{mem.weights / GB:.2f}, gradients {mem.gradients / GB:.2f}, optimizer {mem.optimizer / GB:.2f}, "
             f"activations {mem.activations / GB:.2f}, buffers {mem.comm_buffers / GB:.2f}, overhead "
-            f"{mem.overhead / GB:.2f}); {available / GB:.2f} GB is available per rank ({source}): short by "
+            f"{mem.overhead / GB:.2f}" + (f"; {mem.after_backward / GB:.2f} of the gradients and buffers only after "
+                                         "backward, never beside the activations" if mem.after_backward else "")
+            + f"); {available / GB:.2f} GB is available per rank ({source}): short by "
             f"{(mem.total - available) / GB:.2f} GB{layouts}; train.memory_check=warn starts anyway")
 
 

@@ -190,7 +190,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
              layout.micro_batch_size, layout.grad_accum, layout.dp,
              f"peak {peak / 1e12:.1f} TFLOP/s/device ({peak_source})" if peak else f"MFU omitted ({peak_source})")
     if device.type == "cpu" and env.rank == 0 and host_allocator() == "glibc":
-        log.info("CPU run on glibc's malloc, its mmap threshold set to 1 MiB so that freed tensors go back to the "
+        log.info("CPU run on glibc's malloc, its mmap threshold held at 128 KiB so that freed tensors go back to the "
                  "OS and the RSS stays flat: they come back as page faults every step. A caching allocator "
                  "(LD_PRELOAD=libtcmalloc_minimal.so.4, Debian package libtcmalloc-minimal4) ran bench_peers' step "
                  "1.4x faster at +8% peak RSS (docs/benchmarks.md)")

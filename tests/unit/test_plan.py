@@ -76,6 +76,24 @@ def test_model_state_bytes_follow_zero_stage_and_precision(precision, grads, zer
     assert p.memory.model_states == pytest.approx(bytes_per_param * p.params.total)
 
 
+@pytest.mark.parametrize("seq", [128, 8192])  # the peak after backward (short sequences), or in it (long)
+def test_bf16_optimizer_gradients_and_buffers_that_follow_backward_are_not_added_to_the_activations(seq):
+    cfg = preset("llama-1b", "parallel.zero_stage=1", "train.precision=bf16", "train.grad_reduce_dtype=fp32",
+                 "plan.num_gpus=4", f"train.seq_len={seq}", "train.micro_batch_size=1")
+    mem = plan(cfg).memory
+    params = plan(cfg).params_per_rank
+    assert mem.after_backward == 2 * params + mem.comm_buffers  # the bf16 .grads and the flat all-reduce buffers
+    after = mem.model_states + mem.comm_buffers
+    assert mem.total - mem.overhead == max(after, after + mem.activations - mem.after_backward)
+    assert (mem.total - mem.overhead == after) == (mem.activations < mem.after_backward)
+    accumulating = plan(preset("llama-1b", "parallel.zero_stage=1", "train.precision=bf16", "plan.num_gpus=4",
+                               "train.micro_batch_size=1", "train.global_batch_size=8")).memory
+    assert accumulating.after_backward == accumulating.comm_buffers  # earlier micro-batches' .grads are held
+    other = plan(preset("llama-1b", "parallel.zero_stage=2", "train.precision=bf16", "plan.num_gpus=4")).memory
+    assert other.after_backward == 0
+    assert other.total == other.model_states + other.activations + other.comm_buffers + other.overhead
+
+
 def _saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
     """Bytes of the distinct tensors autograd saves for backward, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
