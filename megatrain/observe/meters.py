@@ -48,8 +48,10 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         return {"mem_allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
                 "mem_peak_gb": torch.cuda.max_memory_allocated(device) / 2**30}
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"mem_peak_rss_gb": rss_kb / (2**30 if sys.platform == "darwin" else 2**20)}
+    peak = process_memory().get("peak_rss")  # VmHWM: ru_maxrss keeps the RSS a parent had when it forked us
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {"mem_peak_rss_gb": peak / 2**30}
 
 
 def process_memory() -> dict[str, int]:

@@ -9,13 +9,13 @@ model states. The total is compared with the growth of the peak resident set siz
 from __future__ import annotations
 
 import os
-import resource
 from dataclasses import replace
 
 import pytest
 import torch
 
 from megatrain.config import ModelConfig
+from megatrain.observe.meters import process_memory
 from megatrain.plan import CPU_OVERHEAD_GB, plan
 from tests.distributed.harness import run_ranks
 from tests.distributed.workloads import make_config, synthetic_batches
@@ -99,7 +99,7 @@ def measure(rank: int, cfg, steps: int) -> dict:
             if step == steps - 1:
                 states = max(states, model_state_bytes(engine))
             engine.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = process_memory()["peak_rss"]  # VmHWM: ru_maxrss would start at the RSS pytest had when it forked
     return {"model_states": states, "rss_growth": peak - before}
 
 
@@ -169,7 +169,7 @@ def measure_staged(rank: int, cfg, steps: int) -> dict:
         mine = iter(data[step, mesh.dp_rank * per_rank:(mesh.dp_rank + 1) * per_rank].split(layout.micro_batch_size))
         train_step(engine, lambda mine=mine: dict(zip(("input_ids", "labels"), _shift(next(mine)))),
                    layout.grad_accum, device, mesh.dp_group)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = process_memory()["peak_rss"]  # VmHWM: ru_maxrss would start at the RSS pytest had when it forked
     return {"model_states": states[-1], "rss_growth": peak - before, "stage": mesh.pp_rank}
 
 
