@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import shutil
 from pathlib import Path
 
@@ -25,10 +24,6 @@ from megatrain.config import ModelConfig
 MODEL = ModelConfig(vocab_size=32000, d_model=1024, n_layers=16, n_heads=16, n_kv_heads=8, max_seq_len=2048)
 TP, PP, SEQ = 2, 2, 2048
 
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def write_hf(directory: Path) -> int:
@@ -64,7 +59,7 @@ def read_as_rank(directory: str, stage: int, tp_rank: int, tp: int, pp: int, out
     mine = [n for n in params if n.startswith(blocks) or (stage == 0 and n.startswith("embed."))
             or (stage == pp - 1 and n.startswith("head."))]
     weights = HFWeights(Path(directory), MODEL)
-    before = _rss()
+    before = process_memory()["rss"]
     # a copy of each slice in the rank's own memory, as init_from copies it into the parameter (safetensors
     # hands back a view of the mapped file, resident only once touched)
     held = [weights.local(name, params[name].tp_dim, tp, tp_rank).clone() for name in mine]

@@ -26,11 +26,6 @@ FRESH = "spawn"
 BUFFERS = ("ipg",)  # DeepSpeed's reduce buckets (ipg_buckets, ipg_buffer): communication buffers
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _tensors(obj, path: str, seen: set[int], out: list, depth: int = 0) -> None:
     """Every tensor reachable from a DeepSpeed object through attributes, lists and dicts."""
     if depth > 6 or id(obj) in seen:
@@ -88,7 +83,7 @@ def measure(rank: int, cfg, steps: int) -> dict:
     mesh = Mesh.build(layout)
     data = synthetic_batches(steps, layout.global_batch_size, cfg.train.seq_len, cfg.model.vocab_size)
     _load_code()
-    before = _rss_bytes()
+    before = process_memory()["rss"]
     engine = build_engine(cfg, mesh, torch.device("cpu"))
     per_rank = layout.micro_batch_size * layout.grad_accum
     states = 0
@@ -154,7 +149,7 @@ def measure_staged(rank: int, cfg, steps: int) -> dict:
     mesh = Mesh.build(layout)
     data = synthetic_batches(steps, layout.global_batch_size, cfg.train.seq_len, cfg.model.vocab_size)
     _load_code()
-    before = _rss_bytes()
+    before = process_memory()["rss"]
     engine = build_engine(cfg, mesh, device)
     states = []
     optimizer_step = engine.optimizer.step
