@@ -47,6 +47,15 @@ def _report(times: list[float], first_s: float, tokens_per_step: int, warmup: in
           flush=True)
 
 
+def _profiler():
+    """BENCH_PROFILE=dir: the trainer's profile of steps 3-5 of this worker (for peers/compare_profiles.py)."""
+    if not os.environ.get("BENCH_PROFILE"):
+        return None
+    from megatrain.engine.trainer import start_profiler
+
+    return start_profiler(Path(os.environ["BENCH_PROFILE"]), int(os.environ.get("RANK", "0")))
+
+
 def plain_worker(steps: int, warmup: int, pure_bf16: bool) -> None:
     """One process, fused AdamW: bf16 autocast over fp32 weights, or (pure_bf16) bf16 weights and optimizer
     states with no autocast, the fastest plain loop here. The floor any framework should match."""
@@ -55,7 +64,7 @@ def plain_worker(steps: int, warmup: int, pure_bf16: bool) -> None:
     model = _llama().to(torch.bfloat16) if pure_bf16 else _llama()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     ids = torch.randint(0, SHAPE["vocab_size"], (GLOBAL_BATCH, SEQ))
-    times, first = [], 0.0
+    times, first, profiler = [], 0.0, _profiler()
     for step in range(steps):
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not pure_bf16):
@@ -67,6 +76,10 @@ def plain_worker(steps: int, warmup: int, pure_bf16: bool) -> None:
         times.append(time.perf_counter() - start)
         if step == 0:
             first = time.time() - float(os.environ["BENCH_T0"])
+        if profiler:
+            profiler.step()
+    if profiler:
+        profiler.stop()
     _report(times, first, GLOBAL_BATCH * SEQ, warmup)
 
 
@@ -84,7 +97,7 @@ def ds3_worker(steps: int, warmup: int) -> None:
     model = _llama()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     ids = torch.randint(0, SHAPE["vocab_size"], (GLOBAL_BATCH // world, SEQ))
-    times, first = [], 0.0
+    times, first, profiler = [], 0.0, _profiler()
     for step in range(steps):
         start = time.perf_counter()
         engine.backward(engine(input_ids=ids, labels=ids).loss)
@@ -92,9 +105,12 @@ def ds3_worker(steps: int, warmup: int) -> None:
         times.append(time.perf_counter() - start)
         if step == 0:
             first = time.time() - float(os.environ["BENCH_T0"])
+        if profiler:
+            profiler.step()
+    if profiler:
+        profiler.stop()
     if int(os.environ["RANK"]) == 0:
         _report(times, first, GLOBAL_BATCH * SEQ, warmup)
-    # Not at interpreter exit, where gloo's threads can abort a rank ("terminate called without an active exception")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -256,4 +272,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from launcher.common import exit_without_teardown
+
+    exit_without_teardown(main)  # a finished gloo rank can abort in the interpreter's teardown (its docstring)

@@ -200,7 +200,7 @@ def train(cfg: Config, raw: dict[str, Any]) -> int:
                             wandb_entity=cfg.logging.wandb_entity, run_name=cfg.run.name, config=raw,
                             progress=cfg.logging.progress)
     preemption = Preemption()
-    profiler = _start_profiler(run_dir, env.rank) if cfg.train.profile else None
+    profiler = start_profiler(run_dir / "profile", env.rank) if cfg.train.profile else None
     timer, watch, window = StepTimer(device), LossWatch(device), Throughput()
     guard = Guard(cfg.train, resume_from, device)
     last_loss = last_eval = float("nan")
@@ -332,12 +332,13 @@ def _print_sample(engine, cfg: Config, tokenizer_path: str, device: torch.device
         print(f"\n--- sample ---\n{tokenizer.decode(out[0].tolist())}\n--------------", flush=True)
 
 
-def _start_profiler(run_dir: Path, rank: int) -> torch.profiler.profile:
-    """A torch profiler trace of steps 3-5 (after warm-up) per rank, under run.dir/profile/."""
+def start_profiler(out: Path, rank: int) -> torch.profiler.profile:
+    """A torch profiler trace of steps 3-5 (after warm-up) per rank, in `out` (train.profile: run.dir/profile/).
+
+    Call `.step()` after each step and `.stop()` at the end."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    out = run_dir / "profile"
     profiler = torch.profiler.profile(
         activities=activities, schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1),
         on_trace_ready=torch.profiler.tensorboard_trace_handler(str(out), worker_name=f"rank{rank}"),
