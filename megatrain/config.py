@@ -129,6 +129,10 @@ class ParallelConfig:
     pp_split: Optional[List[int]] = None
     # ZeRO gradient reduce bucket in elements; None: d_model^2 (config.reduce_bucket_elements).
     reduce_bucket_size: Optional[int] = None
+    # ZeRO-3's parameter gathers: block (a block at a time, at most two gathered: bounded at any size) or model
+    # (this rank's whole shard of the model in one gather per micro-batch, held through its backward: the fewest
+    # collectives, for a model whose gathered copy fits; engine/deepspeed_config.py, docs/plan.md).
+    zero3_gather: str = "block"
 
 
 @dataclass
@@ -651,8 +655,13 @@ def validate(cfg: Config, world_size: int) -> Layout:
     validate_expert_parallel(model, par)
     if par.reduce_bucket_size is not None and par.reduce_bucket_size < 1:
         raise ConfigError(f"parallel.reduce_bucket_size={par.reduce_bucket_size} must be a positive element count "
-                          "(or null: DeepSpeed's 5e8)")
+                          "(or null: d_model^2)")
     check_choice("parallel.zero_stage", par.zero_stage, (0, 1, 2, 3))
+    check_choice("parallel.zero3_gather", par.zero3_gather, ("block", "model"))
+    if par.zero3_gather == "model" and par.zero_stage != 3:
+        raise ConfigError(f"parallel.zero3_gather=model with parallel.zero_stage={par.zero_stage}: it sets how ZeRO-3 "
+                          "gathers parameters; ZeRO-0/1/2 hold them whole anyway. Use parallel.zero_stage=3 or "
+                          "leave parallel.zero3_gather=block")
     check_choice("train.precision", train.precision, ("bf16", "fp32", "auto"))
     check_choice("train.grad_reduce_dtype", train.grad_reduce_dtype, ("fp32", "bf16"))
     if train.precision == "bf16" and train.grad_reduce_dtype == "fp32" and par.zero_stage == 0:

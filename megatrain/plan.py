@@ -294,16 +294,21 @@ def comm_buffer_bytes(cfg: Config, params: int, block_params: int, zero: int) ->
     # the other is reduced; DeepSpeed 0.19 stage_1_and_2.py).
     bucket = min(params, reduce_bucket_elements(cfg)) * width * (2 if zero in (1, 2) else 1)
     if zero == 3:
-        return bucket + zero3_gathered_bytes(cfg, block_params, bucket)
+        return bucket + zero3_gathered_bytes(cfg, params, block_params, bucket)
     return bucket
 
 
-def zero3_gathered_bytes(cfg: Config, block_params: int, bucket: float) -> float:
+def zero3_gathered_bytes(cfg: Config, params: int, block_params: int, bucket: float) -> float:
     """ZeRO-3's steady-state (step >= 2) transient beside the model states, the reduce bucket and the activations:
     the larger of its two backward peaks (checked against runs at d 1024 and 0.19B, docs/plan.md; DeepSpeed 0.19's
     partitioned_param_coordinator.py and stage3.py under engine/deepspeed_config.py's settings)."""
     a = 2 if cfg.train.precision == "bf16" else 4  # gathered parameters and their .grad: the training precision
     table = cfg.model.vocab_size * cfg.model.d_model / cfg.parallel.tp * a
+    if cfg.parallel.zero3_gather == "model":
+        # All of this rank's `params` gathered from the forward through the backward; beside them the larger of a
+        # block's .grad with the reduce-scatter's flat copy of its bucket and the embedding's dense gradient (tied:
+        # and its sum with the head's).
+        return params * a + max(block_params * a + bucket, (2 if cfg.model.tie_embeddings else 1) * table)
     # A block's backward: the block computing and the next one prefetched (stage3_max_live_parameters = 2 blocks),
     # plus one vocab x d table: from step 2 the coordinator has a trace and the table's gather is issued ahead,
     # so its full buffer is allocated (in flight) through the blocks' backward (measured tied at d 1024 and 2048,
@@ -384,10 +389,11 @@ def _exposed_dp_time(cfg: Config, layout: Layout, params: int, act_bytes: int, c
 
     Overlapped: at ZeRO-1/2/3 gradients are reduced bucket by bucket from backward hooks (overlap_comm) behind
     the backward still to run (2/3 of compute): ZeRO-1 at the last micro-batch only, ZeRO-2 and 3 at each;
-    ZeRO-3's parameter gathers (forward and backward, every micro-batch) are prefetched behind the block
-    before. Not overlapped: the last bucket's reduction; at ZeRO-1/2 the all-gather of the updated parameters
-    after the optimizer step; the whole all-reduce at ZeRO-0 and at ZeRO-1 with bf16 weights and fp32
-    gradients, where DeepSpeed swaps in its BF16_Optimizer, which reduces after backward.
+    ZeRO-3's parameter gathers (forward and backward, every micro-batch; forward only with
+    parallel.zero3_gather=model) are prefetched behind the block before. Not overlapped: the last bucket's
+    reduction; at ZeRO-1/2 the all-gather of the updated parameters after the optimizer step; the whole
+    all-reduce at ZeRO-0 and at ZeRO-1 with bf16 weights and fp32 gradients, where DeepSpeed swaps in its
+    BF16_Optimizer, which reduces after backward.
     """
     dp, accum, hw = layout.dp, layout.grad_accum, cfg.plan
     ring = (dp - 1) / dp
@@ -402,7 +408,8 @@ def _exposed_dp_time(cfg: Config, layout: Layout, params: int, act_bytes: int, c
     if uses_bf16_optimizer(cfg, stage):
         return (2 * grad_bytes + gather_bytes) / bandwidth
     if stage == 3:
-        return max(last_bucket, grad_bytes * accum + 2 * gather_bytes * accum - compute * bandwidth) / bandwidth
+        gathers = 1 if cfg.parallel.zero3_gather == "model" else 2
+        return max(last_bucket, (grad_bytes + gathers * gather_bytes) * accum - compute * bandwidth) / bandwidth
     reduced, behind = (grad_bytes, backward / accum) if stage == 1 else (grad_bytes * accum, backward)
     return (max(last_bucket, reduced - behind * bandwidth) + gather_bytes) / bandwidth
 

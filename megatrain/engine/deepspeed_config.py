@@ -21,15 +21,9 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict[str, Any]:
         if stage < 3:
             zero.update(allgather_bucket_size=bucket, reduce_scatter=True)
     if stage == 3:
-        block = param_counts(cfg.model).non_embedding // (cfg.model.n_layers * cfg.parallel.tp)  # per TP rank
-        # Small tensors (norms, biases) stay whole on every rank: gathering them costs more than it saves.
-        # Prefetch: the next parameters are gathered while the current block computes, up to 0.9 d^2 elements
-        # ahead (the HF "auto" rule); at most two blocks' parameters are gathered at once, the one computing and
-        # the one prefetched (what plan.py's communication buffers count).
-        zero.update(stage3_param_persistence_threshold=10 * cfg.model.d_model,
-                    stage3_prefetch_bucket_size=int(0.9 * cfg.model.d_model ** 2),
-                    stage3_max_live_parameters=2 * block, stage3_max_reuse_distance=2 * block,
-                    stage3_gather_16bit_weights_on_model_save=False)
+        zero.update(stage3_gather_16bit_weights_on_model_save=False,
+                    # Small tensors (norms, biases) stay whole on every rank: gathering them costs more than it saves.
+                    stage3_param_persistence_threshold=10 * cfg.model.d_model, **_zero3_gathers(cfg))
     grad_dtype = grad_reduce_dtype(cfg)
     config: dict[str, Any] = {
         "train_batch_size": layout.global_batch_size,
@@ -54,3 +48,21 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict[str, Any]:
         replicated = not cfg.parallel.sequence_parallel
         config["pipeline"] = {"pipe_partitioned": replicated, "grad_partitioned": replicated}
     return config
+
+
+def _zero3_gathers(cfg: Config) -> dict[str, int]:
+    """How far ahead ZeRO-3 gathers parameters and how many it holds (what plan.zero3_gathered_bytes counts)."""
+    if cfg.parallel.zero3_gather == "model":
+        # One prefetch bucket holds the whole model, so a micro-batch's forward starts with one all-gather; nothing
+        # is released while it is used again within two models' worth of parameters (DeepSpeed measures the reuse
+        # distance in parameters fetched in between), so the forward's gathers serve the backward too. What
+        # DeepSpeed's own defaults (5e7, 1e9, 1e9) do for models under 5e7 parameters.
+        whole = param_counts(cfg.model).total
+        return dict(stage3_prefetch_bucket_size=whole, stage3_max_live_parameters=whole,
+                    stage3_max_reuse_distance=2 * whole)
+    block = param_counts(cfg.model).non_embedding // (cfg.model.n_layers * cfg.parallel.tp)  # per TP rank
+    # The next parameters are gathered while the current block computes, up to 0.9 d^2 elements ahead (the HF
+    # "auto" rule); at most two blocks' parameters are gathered at once, the one computing and the one
+    # prefetched.
+    return dict(stage3_prefetch_bucket_size=int(0.9 * cfg.model.d_model ** 2),
+                stage3_max_live_parameters=2 * block, stage3_max_reuse_distance=2 * block)

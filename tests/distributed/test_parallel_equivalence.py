@@ -56,9 +56,10 @@ def single_process_losses():
     return run_ranks(1, engine_losses, _cfg(zero_stage=0), 4)[0]
 
 
-@pytest.mark.parametrize("zero_stage", [1, 3])
-def test_dp2_loss_curve_matches_single_process(single_process_losses, zero_stage):
-    losses = run_ranks(2, engine_losses, _cfg(zero_stage=zero_stage), 4)
+@pytest.mark.parametrize("zero", [dict(zero_stage=1), dict(zero_stage=3), dict(zero_stage=3, zero3_gather="model")],
+                         ids=["zero1", "zero3", "zero3-gather-model"])
+def test_dp2_loss_curve_matches_single_process(single_process_losses, zero):
+    losses = run_ranks(2, engine_losses, _cfg(**zero), 4)
     assert losses[0] == losses[1]
     assert_same_curve(losses[0], single_process_losses)
 

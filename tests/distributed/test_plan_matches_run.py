@@ -205,10 +205,13 @@ ZERO3_MODEL = dict(vocab_size=16000, d_model=1024, n_layers=2, n_heads=16, n_kv_
                    tie_embeddings=True)
 
 
-def test_planned_zero3_total_matches_the_steady_state_run():
-    cfg = make_config(ZERO3_MODEL, parallel=dict(zero_stage=3),
+# zero3_gather=model holds every block gathered: at 4 blocks the block plan (899 MiB) is 21% short of the 1,136 MiB
+# measured (2026-12-05); the model plan, 1,076 MiB, is 5% under.
+@pytest.mark.parametrize("gather, n_layers", [("block", 2), ("model", 4)])
+def test_planned_zero3_total_matches_the_steady_state_run(gather, n_layers):
+    cfg = make_config({**ZERO3_MODEL, "n_layers": n_layers}, parallel=dict(zero_stage=3, zero3_gather=gather),
                       train=dict(precision="fp32", micro_batch_size=1, global_batch_size=2, seq_len=128,
                                  activation_checkpointing="full"))
-    planned, measured = _plan_and_run("zero3 steady state", cfg, 3)
+    planned, measured = _plan_and_run(f"zero3 steady state, zero3_gather={gather}", cfg, 3)
     assert planned.memory.model_states == pytest.approx(measured["model_states"], rel=0.10)
     assert planned.memory.total == pytest.approx(measured["rss_growth"], rel=0.10)

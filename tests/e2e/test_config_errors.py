@@ -57,6 +57,8 @@ def test_hydra_errors_are_one_line_exit_2_in_every_launcher(tmp_path, launcher, 
     ("train.spike_window=0", ("train.spike_window=0", ">= 1")),
     ("model.attention_backend=flash", ("model.attention_backend='flash'", "auto, math")),
     ("parallel.ep=2", ("parallel.ep=2", "needs a mixture-of-experts model")),
+    ("parallel.zero3_gather=all", ("parallel.zero3_gather='all'", "block, model")),
+    ("parallel.zero3_gather=model", ("parallel.zero3_gather=model with parallel.zero_stage=1", "zero_stage=3")),
 ])
 def test_bad_values_are_refused_by_the_planner_with_the_key(override, needles):
     _one_line_error(cli("launcher.plan", "model=tiny", "model.vocab_size=512", override), *needles)

@@ -37,12 +37,20 @@ def test_zero3_prefetches_under_a_two_block_bound_per_tp_rank():
         assert zero["stage3_param_persistence_threshold"] == 10 * D
 
 
+def test_zero3_gather_model_prefetches_and_holds_the_whole_model_for_its_backward():
+    zero = zero_section(3, "parallel.zero3_gather=model")
+    whole = param_counts(preset("llama-7b").model).total
+    assert zero["stage3_prefetch_bucket_size"] == zero["stage3_max_live_parameters"] == whole
+    assert zero["stage3_max_reuse_distance"] == 2 * whole  # a forward and a backward of parameters in between
+    assert zero["stage3_param_persistence_threshold"] == 10 * D
+
+
 def test_zero0_has_no_zero_keys_and_deepspeed_reads_every_key_we_write():
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     assert zero_section(0) == {"stage": 0}
-    for stage in (1, 2, 3):
-        zero = zero_section(stage)
+    for stage, overrides in ((1, ()), (2, ()), (3, ()), (3, ("parallel.zero3_gather=model",))):
+        zero = zero_section(stage, *overrides)
         parsed = DeepSpeedZeroConfig(**zero)  # pydantic: a misspelt key fails here
         assert parsed.overlap_comm is True and parsed.reduce_bucket_size == zero["reduce_bucket_size"]
         if stage == 3:

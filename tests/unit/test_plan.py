@@ -178,6 +178,9 @@ def test_the_step_time_counts_the_dp_traffic_backward_cannot_hide():
     assert exposed("parallel.zero_stage=1", "train.grad_reduce_dtype=fp32") == pytest.approx(5 * grad, rel=0.02)
     assert exposed("parallel.zero_stage=2") == pytest.approx(max(4 * grad - 2 / 3 * compute, last) + grad, rel=0.02)
     assert exposed("parallel.zero_stage=3") == pytest.approx(max(3 * 4 * grad - compute, last), rel=0.02)
+    # zero3_gather=model: the forward's gathers serve the backward, one gather per micro-batch
+    assert exposed("parallel.zero_stage=3", "parallel.zero3_gather=model") == pytest.approx(
+        max(2 * 4 * grad - compute, last), rel=0.02)
 
 
 def test_search_ranks_only_fitting_layouts_best_throughput_first():
