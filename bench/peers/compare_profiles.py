@@ -2,7 +2,7 @@
 trainer's `train.profile` schedule (steps 3-5), and the main thread's self time per step grouped by kind of op.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \\
-        python bench/peers/compare_profiles.py [--only plain16,mt1,ds3,mt2z3] [--megatrain "overrides"]
+        python bench/peers/compare_profiles.py [--only plain16,mt1,ds3,mt2z3,mt2z3ds] [--megatrain "overrides"]
 
 "outside any op" is main-thread time in no profiled op: Python (the framework's hooks and bookkeeping, the loop)
 and blocking that is not inside an op. Collectives' own work runs in gloo's threads; the main thread only waits
@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_peers import GLOBAL_BATCH, ROOT, SEQ, _env, megatrain_cmd  # noqa: E402
+from bench_peers import AS_DS3, GLOBAL_BATCH, ROOT, SEQ, _env, megatrain_cmd  # noqa: E402
 
 # First match wins; names are torch profiler op names (aten::..., c10d::..., autograd Function classes).
 KINDS = [
@@ -76,6 +76,7 @@ def profile(name: str, out: Path, extra: list[str], steps: int = 6) -> Path:
         "ds3": ([*two, "--worker=ds3"], 1),
         "mt1": (megatrain_cmd(1, steps, str(out / "run"), 1, ["train.profile=true", *extra]), 2),
         "mt2z3": (megatrain_cmd(2, steps, str(out / "run"), 3, ["train.profile=true", *extra]), 1),
+        "mt2z3ds": (megatrain_cmd(2, steps, str(out / "run"), 3, ["train.profile=true", *AS_DS3, *extra]), 1),
     }[name]
     traces = out / "run" / "profile" if name.startswith("mt") else out
     proc = subprocess.run(cmd, cwd=ROOT, env={**_env(threads), "BENCH_PROFILE": str(out)}, capture_output=True,
