@@ -108,12 +108,15 @@ def main() -> None:
           "plan.mfu, NVLink at plan.intra_node_gbps):")
     base = preset(args.model, f"train.seq_len={args.seq}", "plan.gpu=H100", "train.micro_batch_size=1",
                   "train.global_batch_size=32")
-    for label, zero, grads in (("ZeRO-1, fp32 grads (BF16_Optimizer: reduces after backward)", 1, "fp32"),
-                               ("ZeRO-1, bf16 grads (overlap_comm at the last micro-batch)", 1, "bf16"),
-                               ("ZeRO-2, fp32 grads (overlap_comm: bucket by bucket in backward)", 2, "fp32")):
-        p = plan(replace(base, parallel=replace(base.parallel, zero_stage=zero),
+    for label, zero, grads, gather in (
+            ("ZeRO-1, fp32 grads (BF16_Optimizer: reduces after backward)", 1, "fp32", "block"),
+            ("ZeRO-1, bf16 grads (overlap_comm at the last micro-batch)", 1, "bf16", "block"),
+            ("ZeRO-2, fp32 grads (overlap_comm: bucket by bucket in backward)", 2, "fp32", "block"),
+            ("ZeRO-3, fp32 grads, a block gathered at a time (forward and backward)", 3, "fp32", "block"),
+            ("ZeRO-3, fp32 grads, parallel.zero3_gather=model (one gather per micro-batch)", 3, "fp32", "model")):
+        p = plan(replace(base, parallel=replace(base.parallel, zero_stage=zero, zero3_gather=gather),
                          train=replace(base.train, grad_reduce_dtype=grads)), 8)
-        print(f"- {label}: step {p.step_time_s:.3f} s, MFU {p.mfu:.1%}")
+        print(f"- {label}: step {p.step_time_s:.3f} s, MFU {p.mfu:.1%}, peak {p.memory.total / GB:.1f} GB a GPU")
     wait, ids = LOADER_WAIT_MS, 2 * args.seq * 8  # int64 inputs and labels of one sequence
     print(f"\nLoader ahead (measured with the host idle, as under a GPU step, DP 64): the step waited "
           f"{wait['in the step']} ms for its batch, {wait['ahead (data.prefetch=2)']} ms with it built ahead; "
