@@ -498,7 +498,9 @@ def search(cfg: Config, num_gpus: int | None = None) -> list[Plan]:
                     continue
                 candidate = replace(
                     cfg, parallel=replace(cfg.parallel, tp=tp, pp=pp, cp=cp, zero_stage=zero,
-                                          sequence_parallel=tp > 1, pp_split=None),
+                                          sequence_parallel=tp > 1, pp_split=None,
+                                          # the user's ZeRO-3 gathers for ZeRO-3; the others have no choice
+                                          zero3_gather=cfg.parallel.zero3_gather if zero == 3 else "block"),
                     train=replace(cfg.train, micro_batch_size=micro, global_batch_size=global_batch,
                                   activation_checkpointing=ckpt))
                 try:

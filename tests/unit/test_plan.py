@@ -192,6 +192,10 @@ def test_search_ranks_only_fitting_layouts_best_throughput_first():
     assert rates == sorted(rates, reverse=True)
     assert {p.layout.zero_stage for p in plans} != {0}  # unsharded 13B states (208 GB) cannot fit
     assert search(preset("llama-70b", "train.seq_len=4096"), 1) == []
+    # zero3_gather=model applies to the ZeRO-3 candidates and does not filter out the others
+    held = search(preset("llama-13b", "train.seq_len=4096", "train.global_batch_size=64", "plan.gpu_memory_gb=40",
+                         "parallel.zero3_gather=model"), 8)
+    assert {p.layout.zero_stage for p in held} == {p.layout.zero_stage for p in plans}
 
 
 def _cli(*overrides: str) -> subprocess.CompletedProcess:
